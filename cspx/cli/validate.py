@@ -1,0 +1,67 @@
+"""`python validate.py --checkpoint PATH --data-dir DIR` (also the `cspx-validate` command)."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from cspx.errors import CspxError, run_cli
+
+EPILOG = """\
+DIR is an ImageNet-layout folder: DIR/<wnid>/*.JPEG, or DIR/val/<wnid>/*.JPEG.
+defaults follow the CSPResNeXt-50 model card: 224 px, crop 0.875 (shorter side resized to
+floor(224 / 0.875) = 256), bilinear, ImageNet mean/std. Released timm weights:
+  python validate.py --checkpoint cspresnext50_ra_224-648b4713.pth --data-dir /data/imagenet
+  (expected: top-1 80.05, top-5 94.94)
+multi-GPU: torchrun --nproc_per_node=8 validate.py ... (every image counted exactly once)
+"""
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="validate.py", description="Top-1/top-5 of a checkpoint.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="cspx checkpoint or a (timm) state_dict")
+    p.add_argument("--data-dir", required=True, help="ImageNet-layout validation folder")
+    p.add_argument("--model", help="architecture (default: from a cspx checkpoint, else cspresnext50)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], default="bilinear")
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--loader", choices=["torch", "dali", "auto"], default="auto",
+                   help="auto: DALI if installed, else torch. Final accuracy: prefer torch (PIL "
+                        "resize, as timm); see docs/dali.md")
+    p.add_argument("--classes", help="synset list fixing label indices (first token per line)")
+    p.add_argument("--exclude", help="exclusion list from scripts/check_dataset.py")
+    p.add_argument("--json", help="write metrics and settings to this JSON file")
+    p.add_argument("--predictions", help="write per-image top-5 to this CSV file")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images (sorted order)")
+    p.add_argument("--verbose", action="store_true", help="tracebacks and debug logging")
+    args = p.parse_args(argv)
+    for name in ("img_size", "batch_size", "limit"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise CspxError(f"--{name.replace('_', '-')}: must be > 0, got {v}")
+    if args.workers < 0:
+        raise CspxError(f"--workers: must be >= 0, got {args.workers}")
+    if not 0.0 < args.crop_pct <= 1.0:
+        raise CspxError(f"--crop-pct: must be in (0, 1], got {args.crop_pct}")
+    return args
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    from cspx.validation import run
+    run(args)
+    return 0
+
+
+def main(argv: Sequence[str] = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

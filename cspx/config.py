@@ -1,0 +1,235 @@
+"""The recipe schema: one dataclass per YAML section, validated in `__post_init__`.
+
+Each key is documented in the recipe files (recipes/*.yaml) and in docs/recipes.md. Every value is
+consumed in exactly one place; `grep -rn "cfg.<section>.<key>" cspx` finds it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional, Sequence, Tuple
+
+from cspx import configio
+from cspx.configio import ConfigValueError
+from cspx.errors import CspxError
+
+Interp = Literal["bilinear", "bicubic", "nearest"]
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigValueError(key, message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"          # output folder: config.yaml, logs, checkpoints/
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda:LOCAL_RANK if CUDA is usable
+    log_every_steps: int = 100         # optimizer steps between loss reads (the only host syncs)
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        _check(bool(self.dir), "dir", "must not be empty")
+        _check(self.log_every_steps > 0, "log_every_steps", f"must be > 0, got {self.log_every_steps}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cspresnext50"
+    num_classes: Optional[int] = None  # None: the dataset's class count
+    init_from: Optional[str] = None    # weights to start from (cspx or timm); not used on resume
+    drop_path_rate: float = 0.0
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+
+    def __post_init__(self):
+        _check(self.num_classes is None or self.num_classes > 0, "num_classes", "must be > 0")
+        _check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "/data/imagenet"       # holds train/<wnid>/ and val/<wnid>/
+    classes: Optional[str] = None      # synset list fixing label indices
+    exclude: Optional[str] = None      # exclusion list from scripts/check_dataset.py
+    loader: Literal["torch", "dali", "auto"] = "auto"
+    workers: int = 8                   # DataLoader workers / DALI CPU threads per process
+    synthetic: bool = False            # generate the demo dataset into root if it is missing
+    dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the A100/H100 hardware decoder
+
+    def __post_init__(self):
+        _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        _check(0.0 <= self.dali_hw_decoder_load <= 1.0, "dali_hw_decoder_load", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    img_size: int = 224
+    scale: Tuple[float, float] = (0.08, 1.0)     # random-resized-crop area fraction
+    ratio: Tuple[float, float] = (0.75, 4 / 3)   # random-resized-crop aspect ratio
+    interpolation: Interp = "bilinear"
+    hflip: float = 0.5
+    randaugment_ops: int = 0                     # 0 disables RandAugment
+    randaugment_magnitude: float = 7.0           # timm's 0-10 scale
+    hue: float = 0.0        # darknet: shift hue by U(-hue, hue) of the colour circle
+    saturation: float = 1.0  # darknet: scale saturation by s or 1/s, s ~ U(1, saturation)
+    exposure: float = 1.0    # darknet: scale brightness the same way
+    rotate: float = 0.0      # degrees, U(-rotate, rotate)
+
+    def __post_init__(self):
+        _check(self.img_size >= 8, "img_size", f"must be >= 8, got {self.img_size}")
+        lo, hi = self.scale
+        _check(0.0 < lo <= hi <= 1.0, "scale", f"must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
+        lo, hi = self.ratio
+        _check(0.0 < lo <= hi, "ratio", f"must satisfy 0 < min <= max, got {list(self.ratio)}")
+        _check(0.0 <= self.hflip <= 1.0, "hflip", "must be in [0, 1]")
+        _check(0 <= self.randaugment_ops <= 10, "randaugment_ops", "must be in [0, 10]")
+        _check(0.0 <= self.randaugment_magnitude <= 10.0, "randaugment_magnitude",
+               "must be in [0, 10] (timm's scale)")
+        _check(0.0 <= self.hue <= 0.5, "hue", "must be in [0, 0.5]")
+        _check(self.saturation > 0, "saturation", "must be > 0 (1 disables)")
+        _check(self.exposure > 0, "exposure", "must be > 0 (1 disables)")
+        _check(0.0 <= self.rotate <= 180.0, "rotate", "must be in [0, 180] degrees")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 8_000_000             # optimizer steps
+    batch_size: int = 128              # images per optimizer step, over all ranks
+    accum_steps: int = 1               # micro-batches per optimizer step (darknet subdivisions)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+    label_smoothing: float = 0.1
+    clip_grad_norm: Optional[float] = None
+    deterministic: bool = False        # deterministic kernels (slower on GPU; CPU is already)
+
+    def __post_init__(self):
+        _check(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
+        _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.accum_steps > 0, "accum_steps", f"must be > 0, got {self.accum_steps}")
+        _check(self.batch_size % self.accum_steps == 0, "batch_size",
+               f"{self.batch_size} is not divisible by train.accum_steps={self.accum_steps}")
+        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "must be > 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1                    # base LR for train.batch_size images per step
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.005        # conv and linear weights only (darknet)
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    power: float = 4.0                 # darknet `power`: burn-in (i/burn_in)^p, decay (1 - i/steps)^p
+    burn_in: int = 1000                # optimizer steps of burn-in
+
+    def __post_init__(self):
+        _check(self.power >= 0, "power", "must be >= 0")
+        _check(self.burn_in >= 0, "burn_in", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9998              # per optimizer step
+
+    def __post_init__(self):
+        _check(0.0 < self.decay < 1.0, "decay", f"must be in (0, 1), got {self.decay}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 10_000          # 0: only at the end
+    batch_size: int = 256              # per rank
+    img_size: int = 224
+    crop_pct: float = 0.875            # shorter side resized to floor(img_size / crop_pct)
+    interpolation: Interp = "bilinear"
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, "every_steps", "must be >= 0")
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+        _check(self.img_size >= 8, "img_size", "must be >= 8")
+        _check(0.0 < self.crop_pct <= 1.0, "crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 5000            # 0: only at the end and on preemption
+    keep_last: int = 3                 # step_*.pt files kept, besides best.pt
+    async_save: bool = True            # write in a background thread after a snapshot
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, "every_steps", "must be >= 0")
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(self.sched.burn_in < self.train.steps or self.sched.burn_in == 0, "sched.burn_in",
+               f"{self.sched.burn_in} must be below train.steps={self.train.steps}")
+
+
+# Keys that may change between a checkpoint and its resumption without changing the training
+# trajectory. The dataset itself is checked by fingerprint, so its path may move.
+RESUME_FREE = ("run.", "eval.", "checkpoint.", "data.workers", "data.root", "data.exclude",
+               "data.synthetic", "model.init_from", "model.compile")
+
+
+def training_diff(old: dict, new: dict) -> list:
+    """Dotted keys that differ and do affect training."""
+    return [k for k in configio.diff(old, new) if not k.startswith(RESUME_FREE)]
+
+
+def load_config(path: str, overrides: Sequence[str] = (), check_paths: bool = True) -> Config:
+    cfg = configio.load(Config, path, overrides)
+    if check_paths:
+        _check_paths(cfg, "command line" if overrides else path)
+    return cfg
+
+
+def _check_paths(cfg: Config, source: str) -> None:
+    d = cfg.data
+    if not d.synthetic and not os.path.isdir(os.path.expanduser(d.root)):
+        raise CspxError(f"{source}: data.root: folder {d.root!r} does not exist")
+    for key, p in (("data.classes", d.classes), ("data.exclude", d.exclude),
+                   ("model.init_from", cfg.model.init_from)):
+        if p is not None and not os.path.isfile(os.path.expanduser(p)):
+            raise CspxError(f"{source}: {key}: file {p!r} does not exist")
+
+
+def micro_batch(cfg: Config, world_size: int) -> int:
+    """Images per forward pass on one rank: batch_size / (world_size * accum_steps)."""
+    t = cfg.train
+    denom = world_size * t.accum_steps
+    if t.batch_size % denom:
+        raise CspxError(f"train.batch_size={t.batch_size} is not divisible by world_size "
+                        f"({world_size}) x train.accum_steps ({t.accum_steps})")
+    return t.batch_size // denom
+
+
+def with_updates(cfg: Config, **sections) -> Config:
+    """Config with some section fields replaced: with_updates(cfg, train={'precision': 'bf16'})."""
+    return replace(cfg, **{k: replace(getattr(cfg, k), **v) for k, v in sections.items()})

@@ -1,0 +1,277 @@
+"""The DALI data path: the same interface as torch_loader's loaders, decoding with DALI.
+
+On a CUDA device JPEGs are decoded by nvJPEG (`mixed`, with the A100/H100 hardware decoder taking
+`hw_decoder_load` of them) and augmented on the GPU; on a CPU device DALI runs CPU-only
+(`device_id=None`). An explicit `dali` request on a CUDA device without CUDA fails with a message;
+it never falls back silently.
+
+Order. Every rank writes the same file list. Each epoch DALI permutes the whole list with one seed
+shared by all ranks (`shuffle_after_epoch`), and rank r reads the r-th contiguous slice of that
+permutation (DALI shards), so ranks are disjoint within an epoch. Shards differ in size by at most
+one image. An epoch on a rank is `shard_size // micro_batch` micro-batches: the reader pads the
+shard to whole batches and the iterator drops the padded last batch (LastBatchPolicy.DROP), so the
+next epoch starts on a batch boundary and the dropped images differ from epoch to epoch. In the
+rare case that one rank's larger shard fills one more batch, that rank's epochs are one batch
+longer; ranks still step together, since the iterator is infinite.
+
+Resume. Pipelines are built with `enable_checkpointing=True`. DALI's checkpoint describes the
+position after the last batch handed out, not after the batches the pipeline has prefetched, and
+it holds the reader's shuffle state and every random operator's generator state. `state_dict()`
+stores it (bytes) with the micro-batch count; a new loader given it via `load_state_dict` rebuilds
+the pipeline from it and continues with the exact next batch, augmentations included, also
+across epoch boundaries. The world size, shard and pipeline settings must match (checked).
+
+Bad files. DALI cannot skip a file at run time, so files failing the index's quick scan are never
+listed (`index.excluded`), and `bad_files` stays 0: unlike the torch path, nothing is replaced
+while running. A file that passes the scan but fails to decode stops the run with a message
+naming scripts/check_dataset.py (its exclusion list goes to data.exclude).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from cspx.config import AugConfig
+from cspx.data.index import DatasetIndex, cache_dir
+from cspx.data.transforms import eval_resize_size, sample_seed
+from cspx.errors import CspxError
+
+DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+def dali_available(device: Optional[torch.device] = None) -> Tuple[bool, str]:
+    """(True, '') if DALI imports and can run on `device`, else (False, why not)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (missing CUDA libraries, ...)
+        return False, f"nvidia.dali does not import ({type(e).__name__}: {e})"
+    if device is None or device.type == "cpu":
+        return True, ""
+    if device.type != "cuda":
+        return False, f"DALI runs on CPU or CUDA devices, not {device.type}"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available to torch"
+    try:
+        from nvidia.dali import backend
+        if backend.GetCUDADeviceCount() < 1:
+            return False, "DALI sees no CUDA device"
+    except Exception as e:
+        return False, f"DALI cannot use CUDA ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def _device_id(device: torch.device) -> Optional[int]:
+    """DALI's device_id: None runs CPU-only; a CUDA device must really be usable."""
+    if device.type == "cpu":
+        return None
+    ok, reason = dali_available(device)
+    if not ok:
+        raise CspxError(f"DALI loader on {device}: {reason}; use data.loader=torch or a CPU device")
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _shard_size(n: int, rank: int, world: int) -> int:
+    """DALI's shard r is [floor(r n / w), floor((r + 1) n / w))."""
+    return (rank + 1) * n // world - rank * n // world
+
+
+def _file_list(directory: str, name: str, index: DatasetIndex, label_is_index: bool) -> str:
+    """Write (or reuse) the file list; the name carries a hash of its contents, so concurrent
+    ranks and later runs agree on it without locking."""
+    h = hashlib.sha256(index.root.encode())
+    for rel, lab in zip(index.files, index.labels.tolist()):
+        h.update(f"{rel}\t{lab}\n".encode())
+    path = os.path.join(directory, f"{name}-{h.hexdigest()[:16]}.txt")
+    os.makedirs(directory, exist_ok=True)
+    if not os.path.exists(path):
+        index.write_file_list(path, label_is_index=label_is_index)
+    return path
+
+
+def _reraise(e: RuntimeError):
+    """Raise a decoder failure as a CspxError that says what to do; other errors unchanged."""
+    msg = str(e)
+    if "fn.decoders" not in msg and "peek_image_shape" not in msg:
+        raise e
+    lines = [ln.strip() for ln in msg.splitlines()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    cause = next((ln for ln in after if ln), "unknown error")  # e.g. 'Failed to decode ... : path'
+    raise CspxError(f"DALI failed to decode an image ({cause}). DALI cannot skip a file: run "
+                    f"scripts/check_dataset.py and set data.exclude to the list it writes, or "
+                    f"use data.loader=torch, which replaces undecodable files") from e
+
+
+def _as_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """DALI gives NHWC when channels_last: the NCHW view of it is channels_last, with no copy."""
+    return x.permute(0, 3, 1, 2) if channels_last else x
+
+
+class DaliTrainLoader:
+    """Infinite iterator of (images (N,3,H,W) `dtype` on device, labels int64 on device)."""
+
+    kind = "dali"
+
+    def __init__(self, index: DatasetIndex, aug: AugConfig, seed: int, micro_batch: int,
+                 rank: int, world: int, workers: int, device: torch.device, channels_last: bool,
+                 dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65,
+                 file_list_dir: Optional[str] = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"DALI loader produces float32 or float16, not {dtype}")
+        self.device, self.device_id = device, _device_id(device)
+        self.micro_batch, self.rank, self.world = micro_batch, rank, world
+        self.workers, self.channels_last = max(1, workers), channels_last
+        self.shard_size = _shard_size(len(index), rank, world)
+        self.batches_per_epoch = self.shard_size // micro_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(index)} images cannot fill one batch of {micro_batch} x "
+                             f"{world} ranks")
+        directory = file_list_dir or os.path.join(cache_dir(), "dali")
+        self.params = dict(
+            file_root=index.root, file_list=_file_list(directory, "train", index, False),
+            shard_id=rank, num_shards=world, mixed=self.device_id is not None,
+            shuffle_seed=sample_seed(seed, -1, -1) & 0x7FFFFFFF,  # the same on every rank
+            hw_decoder_load=hw_decoder_load, img_size=aug.img_size, scale=list(aug.scale),
+            ratio=list(aug.ratio), interpolation=aug.interpolation, hflip=aug.hflip,
+            rotate=aug.rotate, hue=aug.hue, saturation=aug.saturation, exposure=aug.exposure,
+            ra_ops=aug.randaugment_ops, ra_magnitude=aug.randaugment_magnitude,
+            dtype_name=DTYPES[dtype], channels_last=channels_last)
+        self.aug_seed = sample_seed(seed, -2, rank) & 0x7FFFFFFF  # augmentation differs by rank
+        # identifies the pipeline a checkpoint belongs to (the file list name hashes the data)
+        self.signature = hashlib.sha256(json.dumps(
+            {**self.params, "file_list": os.path.basename(self.params["file_list"]),
+             "batch": micro_batch, "seed": self.aug_seed}, sort_keys=True).encode()).hexdigest()
+        self.consumed = 0          # micro-batches handed to the training loop
+        self.bad_files = 0         # always 0: DALI replaces nothing at run time (module doc)
+        self._checkpoint: Optional[bytes] = None
+        self._pipe = self._it = None
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        ckpt = self._it.checkpoints()[0] if self._it is not None else self._checkpoint
+        return {"kind": self.kind, "consumed": self.consumed, "world": self.world,
+                "rank": self.rank, "signature": self.signature, "checkpoint": ckpt or b""}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"loader state is for {state.get('kind')!r}, not {self.kind!r}")
+        if self._it is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        if (state.get("world"), state.get("rank")) != (self.world, self.rank):
+            raise ValueError(f"DALI loader state is for rank {state.get('rank')} of "
+                             f"{state.get('world')}, not rank {self.rank} of {self.world}; the "
+                             f"DALI data order cannot move to another world size")
+        if state.get("signature") != self.signature:
+            raise ValueError("DALI loader state comes from a different dataset, batch size, seed "
+                             "or augmentation; it cannot resume this pipeline")
+        self.consumed = int(state["consumed"])
+        self._checkpoint = bytes(state["checkpoint"]) or None
+
+    def _build(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from cspx.data.dali_pipelines import train_pipeline
+        try:
+            self._pipe = train_pipeline(**self.params, batch_size=self.micro_batch,
+                                        num_threads=self.workers, device_id=self.device_id,
+                                        seed=self.aug_seed, enable_checkpointing=True,
+                                        checkpoint=self._checkpoint)
+            self._it = DALIGenericIterator([self._pipe], ["images", "labels"],
+                                           reader_name="Reader", auto_reset=True,
+                                           last_batch_policy=LastBatchPolicy.DROP)
+        except RuntimeError as e:
+            _reraise(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._build()
+        try:
+            try:
+                out = next(self._it)[0]
+            except StopIteration:  # end of an epoch (auto_reset has reset the iterator)
+                out = next(self._it)[0]
+        except RuntimeError as e:
+            _reraise(e)
+        self.consumed += 1
+        x = _as_nchw(out["images"], self.channels_last)
+        y = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+        return x, y
+
+    def close(self) -> None:
+        """Stop DALI's threads and free its buffers (the pipeline goes with the iterator)."""
+        self._it = self._pipe = None
+
+
+class DaliEvalLoader:
+    """One pass over this rank's shard (DALI's contiguous slice of the index) per iteration, every
+    image exactly once: the reader pads the shard to whole batches and the iterator cuts the
+    padding off the last batch (LastBatchPolicy.PARTIAL). Yields (images, labels on device,
+    indices int64 on CPU into index.files). The pipeline is built once and serves every pass."""
+
+    kind = "dali"
+
+    def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str,
+                 batch_size: int, rank: int, world: int, workers: int, device: torch.device,
+                 channels_last: bool, file_list_dir: Optional[str] = None):
+        if len(index) < world:
+            raise ValueError(f"{len(index)} validation images cannot be shared by {world} ranks")
+        self.device, self.device_id = device, _device_id(device)
+        self.batch_size, self.workers, self.channels_last = batch_size, max(1, workers), channels_last
+        self._num = _shard_size(len(index), rank, world)
+        directory = file_list_dir or os.path.join(cache_dir(), "dali")
+        self.params = dict(
+            file_root=index.root, file_list=_file_list(directory, "val", index, True),
+            shard_id=rank, num_shards=world, mixed=self.device_id is not None, img_size=img_size,
+            resize_size=eval_resize_size(img_size, crop_pct), interpolation=interpolation,
+            channels_last=channels_last)
+        # the reader's label is the position in the index: class labels come from this table
+        self.labels = torch.from_numpy(index.labels).to(device)
+        self._pipe = self._it = None
+        self._clean = True  # False while a pass is under way or was abandoned midway
+
+    def __len__(self) -> int:
+        return -(-self._num // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self._num
+
+    def _build(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from cspx.data.dali_pipelines import eval_pipeline
+        self.close()
+        self._pipe = eval_pipeline(**self.params, batch_size=self.batch_size,
+                                   num_threads=self.workers, device_id=self.device_id, seed=0)
+        self._it = DALIGenericIterator([self._pipe], ["images", "positions"], reader_name="Reader",
+                                       auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def __iter__(self):
+        if self._it is None or not self._clean:  # an abandoned pass: start over from a new one
+            try:
+                self._build()
+            except RuntimeError as e:
+                _reraise(e)
+        self._clean = False
+        while True:
+            try:
+                out = next(self._it)[0]
+            except StopIteration:  # the pass is complete; auto_reset readied the next one
+                break
+            except RuntimeError as e:
+                _reraise(e)
+            idx = out["positions"].view(-1).to("cpu", torch.int64)
+            labels = self.labels[idx.to(self.labels.device, non_blocking=True)]
+            yield _as_nchw(out["images"], self.channels_last), labels, idx
+        self._clean = True
+
+    def close(self) -> None:
+        self._it = self._pipe = None

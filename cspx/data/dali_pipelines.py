@@ -1,0 +1,185 @@
+"""DALI pipeline graphs for the DALI data path (the loaders that iterate them are in dali_loader).
+
+Training mirrors `transforms.TrainTransform`: random-resized-crop (fused with decoding) -> rotate
+-> colour jitter -> RandAugment -> flip + normalize. The flip is applied last, by
+crop_mirror_normalize's `mirror`, instead of between rotate and colour jitter: every later op is
+either flip-equivariant (colour, posterize, ...) or draws a sign-symmetric parameter (rotate,
+shear, translate), so the distribution of augmented images is the same.
+
+Differences from the torch path, by design or because DALI computes them differently:
+- Colour jitter uses `fn.hsv`, which DALI computes as one linear map in RGB: saturation blends
+  with the luma axis (as torchvision's adjust_saturation does), value multiplies RGB (as
+  adjust_brightness does), but hue is a rotation about the grey axis, an approximation of
+  torchvision's exact HSV hue shift.
+- RandAugment is DALI's `auto_aug.rand_augment` with torchvision's op list, 31 magnitude bins
+  and the same ranges (shear 0.3, translate 150/331 of the side, rotate 30 deg, enhance +-0.9,
+  posterize 8..4 bits, solarize threshold 256..0, fill 0). It differs in details: translation
+  is by fractional pixels (torchvision truncates to whole pixels), solarize's threshold runs
+  256..0 instead of 255..0 (the same integer threshold except at bin 0, where torchvision also
+  inverts pixels equal to 255), equalize follows OpenCV rather than PIL, sharpness leaves no
+  1 px unsharpened border, and geometric ops use bilinear interpolation even when
+  aug.interpolation is bicubic (DALI's warp supports linear and nearest only).
+- Resizing is DALI's antialiased resampling, not PIL's (see docs/dali.md).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from nvidia.dali import fn, math as dmath, pipeline_def, types
+
+from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RA_BINS, ra_magnitude_bin
+
+INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
+          "nearest": types.INTERP_NN}
+# torchvision's RandAugment translates by up to 150/331 of the image side (DALI defaults 100/224)
+RA_MAX_TRANSLATE_REL = 150.0 / 331.0
+# nvJPEG scratch sizes that fit the largest ImageNet training JPEG (about 6000 x 6400 px), so
+# the GPU decoder allocates once at start-up and never reallocates (and grows) mid-run. Bytes.
+DEVICE_MEMORY_PADDING = 211_025_920
+HOST_MEMORY_PADDING = 140_544_512
+PREALLOCATE_WIDTH, PREALLOCATE_HEIGHT = 5980, 6430
+
+MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]  # DALI normalizes uint8 0..255 values
+STD_255 = [255.0 * s for s in IMAGENET_STD]
+
+
+def out_dtype(dtype_name: str):
+    return {"float32": types.FLOAT, "float16": types.FLOAT16}[dtype_name]
+
+
+def _reader(file_root: str, file_list: str, shard_id: int, num_shards: int, train: bool,
+            shuffle_seed: int):
+    kw = dict(file_root=file_root, file_list=file_list, shard_id=shard_id, num_shards=num_shards,
+              name="Reader", pad_last_batch=True)
+    if train:
+        # one permutation of the whole list per epoch, identical on every rank (same seed), each
+        # rank reading its contiguous slice of it: shards are disjoint within an epoch
+        kw.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed,
+                  seed=shuffle_seed)
+    else:
+        kw.update(random_shuffle=False, stick_to_shard=True)
+    return fn.readers.file(**kw)
+
+
+def _darknet_scale(s: float):
+    """darknet rand_scale as a DALI node: u ~ U(1, s) (either order), then u or 1/u."""
+    lo, hi = min(1.0, s), max(1.0, s)
+    u = fn.random.uniform(range=[lo, hi])
+    inv = fn.random.coin_flip(probability=0.5)  # int32 0/1, promoted to float below
+    return inv / u + (1.0 - inv) * u
+
+
+@pipeline_def(enable_conditionals=True)
+def train_pipeline(file_root: str, file_list: str, shard_id: int, num_shards: int,
+                   shuffle_seed: int, mixed: bool, hw_decoder_load: float, img_size: int,
+                   scale: Sequence[float], ratio: Sequence[float], interpolation: str,
+                   hflip: float, rotate: float, hue: float, saturation: float, exposure: float,
+                   ra_ops: int, ra_magnitude: float, dtype_name: str, channels_last: bool):
+    jpegs, labels = _reader(file_root, file_list, shard_id, num_shards, True, shuffle_seed)
+    # adjust_orientation=False: PIL (the torch path, timm) ignores EXIF orientation too
+    dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False,
+               random_area=list(scale),
+               random_aspect_ratio=list(ratio), num_attempts=10)
+    if mixed:
+        dec.update(device="mixed", hw_decoder_load=hw_decoder_load,
+                   device_memory_padding=DEVICE_MEMORY_PADDING,
+                   host_memory_padding=HOST_MEMORY_PADDING,
+                   preallocate_width_hint=PREALLOCATE_WIDTH,
+                   preallocate_height_hint=PREALLOCATE_HEIGHT)
+        labels = labels.gpu()
+    images = fn.decoders.image_random_crop(jpegs, **dec)
+    images = fn.resize(images, size=[img_size, img_size], interp_type=INTERP[interpolation],
+                       antialias=True)
+    if rotate > 0:  # the torch path rotates bilinearly, filling with black, keeping the size
+        images = fn.rotate(images, angle=fn.random.uniform(range=[-rotate, rotate]),
+                           keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+    if hue > 0 or saturation != 1.0 or exposure != 1.0:
+        jitter = {}
+        if hue > 0:  # darknet's hue is a fraction of the colour circle; fn.hsv takes degrees
+            jitter["hue"] = fn.random.uniform(range=[-hue * 360.0, hue * 360.0])
+        if saturation != 1.0:
+            jitter["saturation"] = _darknet_scale(saturation)
+        if exposure != 1.0:
+            jitter["value"] = _darknet_scale(exposure)
+        images = fn.hsv(images, **jitter)
+    if ra_ops > 0:
+        from nvidia.dali.auto_aug import rand_augment
+        images = rand_augment.apply_rand_augment(
+            _rand_augment_suite(), images, n=ra_ops, m=ra_magnitude_bin(ra_magnitude),
+            num_magnitude_bins=RA_BINS, shape=[img_size, img_size],
+            fill_value=0,  # torchvision's RandAugment fills with black too
+            interp_type=types.INTERP_NN if interpolation == "nearest" else types.INTERP_LINEAR)
+    mirror = fn.random.coin_flip(probability=hflip) if hflip > 0 else 0
+    images = fn.crop_mirror_normalize(images, mirror=mirror, mean=MEAN_255, std=STD_255,
+                                      dtype=out_dtype(dtype_name),
+                                      output_layout="HWC" if channels_last else "CHW")
+    return images, labels
+
+
+def _rand_augment_suite():
+    """DALI's RandAugment suite (torchvision's ops and ranges, translate as a fraction of the
+    side), with sharpness and equalize built on fn.filter / fn.equalize: DALI's own suite still
+    calls their deprecated fn.experimental aliases, which warn on every pipeline build."""
+    from nvidia.dali.auto_aug import augmentations as aa, rand_augment
+    from nvidia.dali.auto_aug.core import augmentation
+
+    @augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=aa.sharpness_kernel,
+                  param_device="auto")
+    def sharpness(data, kernel):
+        return fn.filter(data, kernel)
+
+    @augmentation
+    def equalize(data, _):
+        return fn.equalize(data)
+
+    own = {"sharpness": sharpness, "equalize": equalize}
+    suite = rand_augment.get_rand_augment_suite(use_shape=True,
+                                                max_translate_rel=RA_MAX_TRANSLATE_REL)
+    return [own.get(op.name, op) for op in suite]
+
+
+@pipeline_def
+def eval_pipeline(file_root: str, file_list: str, shard_id: int, num_shards: int, mixed: bool,
+                  img_size: int, resize_size: int, interpolation: str, channels_last: bool):
+    """Resize the shorter side to `resize_size`, centre-crop img_size, normalize to float32.
+    The reader's labels are positions in the file list (see DaliEvalLoader)."""
+    jpegs, positions = _reader(file_root, file_list, shard_id, num_shards, False, 0)
+    dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False)
+    if mixed:  # PIL (libjpeg) upsamples chroma with the "fancy" filter; nvJPEG does not by default
+        dec.update(device="mixed", jpeg_fancy_upsampling=True,
+                   device_memory_padding=DEVICE_MEMORY_PADDING,
+                   host_memory_padding=HOST_MEMORY_PADDING)
+    images = fn.decoders.image(jpegs, **dec)
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=False)  # HWC
+    out_h, out_w = torchvision_resize_shorter(shape[0], shape[1], resize_size)
+    images = fn.resize(images, resize_y=out_h, resize_x=out_w, interp_type=INTERP[interpolation],
+                       antialias=True, subpixel_scale=False)
+    anchor = fn.stack(_center_offset(out_h - img_size), _center_offset(out_w - img_size))
+    images = fn.slice(images, anchor, types.Constant(np.array([img_size, img_size], np.float32)),
+                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                      out_of_bounds_policy="pad")  # pad with 0 as torchvision's CenterCrop
+    images = fn.crop_mirror_normalize(images, mean=MEAN_255, std=STD_255, dtype=types.FLOAT,
+                                      output_layout="HWC" if channels_last else "CHW")
+    return images, positions
+
+
+def torchvision_resize_shorter(h, w, size: int):
+    """torchvision's Resize(size) output (height, width) as DALI nodes from float nodes h, w: the
+    shorter side becomes `size`, the longer one int(size * long / short), truncated. (DALI's own
+    resize_shorter rounds the longer side and keeps the exact scale with a sub-pixel ROI.)"""
+    w_short = w <= h  # a bool node: 1/0 in arithmetic
+    # exact in float32: size * side is an integer below 2^24, and the quotient is rounded once
+    out_h = w_short * dmath.floor(size * h / w) + (1.0 - w_short) * size
+    out_w = w_short * size + (1.0 - w_short) * dmath.floor(size * w / h)
+    return out_h, out_w
+
+
+def _center_offset(d):
+    """torchvision's CenterCrop offset int(round(d / 2)) for an integer-valued float node d: Python
+    rounds halves to even (117 -> 58, 119 -> 60), where DALI's crop_pos 0.5 rounds them up, a
+    1 px shift that is clearly visible in fine textures."""
+    q = dmath.floor(d / 2.0)
+    odd_d = d - 2.0 * q
+    odd_q = q - 2.0 * dmath.floor(q / 2.0)
+    return q + odd_d * odd_q

@@ -1,0 +1,146 @@
+"""Find image files that would crash a decoder: empty, truncated, or not an image at all.
+
+Two depths share one report format, a dict {relative path: reason}:
+- `quick_check` reads the first and last bytes of a file (no decode). It runs before every
+  training run (results cached by the index) and is what keeps DALI, which cannot skip a file at
+  run time, from dying on a bad JPEG days into a run.
+- `deep_check` decodes the whole image with PIL. `scripts/check_dataset.py` runs it over a dataset
+  with several processes and writes the exclusion list that the loaders read (`data.exclude`).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor, ProcessPoolExecutor
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from cspx.errors import CspxError
+
+JPEG_SOI = b"\xff\xd8\xff"
+JPEG_EOI = b"\xff\xd9"
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+# A JPEG's EOI marker can be followed by padding or vendor bytes; a truncated file has no EOI near
+# its end at all (inside entropy-coded data 0xFF is always byte-stuffed, so FF D9 is a real marker).
+TAIL_BYTES = 4096
+
+OTHER_SIGNATURES = (b"GIF87a", b"GIF89a", b"BM", b"RIFF")  # decodable by PIL, unusual in ImageNet
+
+
+def sniff_format(head: bytes) -> Optional[str]:
+    """'jpeg', 'png', 'other' (GIF/BMP/WebP) or None from a file's first bytes."""
+    if head.startswith(JPEG_SOI):
+        return "jpeg"
+    if head.startswith(PNG_SIG):
+        return "png"
+    if any(head.startswith(s) for s in OTHER_SIGNATURES):
+        return "other"
+    return None
+
+
+def quick_check(path: str) -> Optional[str]:
+    """None if the file looks like a complete image, else a short reason."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - TAIL_BYTES))
+            tail = f.read(TAIL_BYTES)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    fmt = sniff_format(head)
+    if fmt is None:
+        return "not an image (unknown signature)"
+    if fmt == "jpeg" and JPEG_EOI not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "png" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def deep_check(path: str) -> Dict[str, object]:
+    """Decode fully with PIL. Returns {'reason': str|None, 'format', 'mode', 'width', 'height'}."""
+    from PIL import Image
+
+    info: Dict[str, object] = {"reason": quick_check(path), "format": None, "mode": None,
+                               "width": 0, "height": 0}
+    if info["reason"] is not None:
+        return info
+    try:
+        with Image.open(path) as im:
+            info.update(format=im.format, mode=im.mode, width=im.width, height=im.height)
+            im.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays False)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        info["reason"] = f"decode failed ({type(e).__name__}: {e})"
+    return info
+
+
+def _quick(args: Tuple[str, str]) -> Tuple[str, Optional[str]]:
+    root, rel = args
+    return rel, quick_check(os.path.join(root, rel))
+
+
+def _deep(args: Tuple[str, str]) -> Tuple[str, Dict[str, object]]:
+    root, rel = args
+    return rel, deep_check(os.path.join(root, rel))
+
+
+def scan_files(root: str, files: Sequence[str], deep: bool = False, workers: int = 8,
+               progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
+    """Check every file under `root`. Returns {rel: reason} (quick) or {rel: deep_check info} (deep).
+
+    Quick checks are I/O bound and use threads; deep checks decode and use processes.
+    `progress(n)` is called with the number of files finished since the last call.
+    """
+    jobs = [(root, rel) for rel in files]
+    out: Dict[str, object] = {}
+    pool_cls = ProcessPoolExecutor if deep else ThreadPoolExecutor
+    fn = _deep if deep else _quick
+    workers = max(1, workers)
+    if workers == 1:
+        results: Iterable = map(fn, jobs)
+        for rel, res in results:
+            out[rel] = res
+            if progress:
+                progress(1)
+        return out
+    with pool_cls(max_workers=workers) as pool:
+        for rel, res in pool.map(fn, jobs, chunksize=64):
+            out[rel] = res
+            if progress:
+                progress(1)
+    return out
+
+
+def read_exclude_file(path: str) -> Dict[str, str]:
+    """Read an exclusion list: one `relative/path<TAB>reason` per line, `#` starts a comment."""
+    out: Dict[str, str] = {}
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                rel, _, reason = line.partition("\t")
+                out[rel.strip()] = reason.strip() or "listed in exclusion file"
+    except OSError as e:
+        raise CspxError(f"{path}: cannot read exclusion list ({e.strerror or e})") from None
+    return out
+
+
+def write_exclude_file(path: str, bad: Dict[str, str], header: str = "") -> None:
+    """Write an exclusion list atomically (temp file + rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        if header:
+            f.write("".join(f"# {h}\n" for h in header.splitlines()))
+        for rel in sorted(bad):
+            f.write(f"{rel}\t{bad[rel]}\n")
+    os.replace(tmp, path)
+
+
+def summarize(bad: Dict[str, str], limit: int = 5) -> str:
+    """'3 files: a.JPEG (empty file), b.JPEG (...), ...' for one-line warnings."""
+    items: List[str] = [f"{rel} ({reason})" for rel, reason in sorted(bad.items())[:limit]]
+    more = f", and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"{len(bad)} file{'s' if len(bad) != 1 else ''}: " + ", ".join(items) + more

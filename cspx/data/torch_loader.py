@@ -1,0 +1,233 @@
+"""The torch data path: PIL decoding in DataLoader workers, sharded by rank, resumable.
+
+Order. Epoch e is a permutation of the index drawn from (seed, e). Optimizer step s over all ranks
+consumes consecutive global micro-batches of `micro_batch * world` images; rank r takes slice r of
+each. So one rank with batch 8 and two ranks with batch 4 see the same images per step, the ranks
+are disjoint within an epoch, and the whole position is one integer: micro-batches consumed.
+The last `n mod (micro_batch * world)` images of each permutation are left out of that epoch
+(they are different images each epoch).
+
+Bad files. The index already excludes files failing the quick scan; a file that still fails to
+decode is named in a warning, counted, and replaced by the next file of the index, with the
+original sample's random seed, so a run never crashes and stays deterministic.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cspx.config import AugConfig
+from cspx.data.index import DatasetIndex
+from cspx.data.transforms import (TrainTransform, eval_transform, load_rgb, mean_std, normalize_,
+                                  sample_seed, seeded)
+
+log = logging.getLogger("cspx")
+MAX_REPLACEMENTS = 16
+
+
+class TrainDataset(Dataset):
+    """Item key is (epoch, index): the pair seeds the sample's augmentation."""
+
+    def __init__(self, index: DatasetIndex, aug: AugConfig, seed: int):
+        self.index, self.seed, self.transform = index, seed, TrainTransform(aug)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, i = key
+        n = len(self.index)
+        for attempt in range(MAX_REPLACEMENTS):
+            j = (i + attempt) % n
+            try:
+                img = load_rgb(self.index.path(j))
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+                log.warning(f"{self.index.path(j)}: cannot decode ({type(e).__name__}: {e}); "
+                            f"replaced by the next file")
+                continue
+            with seeded(sample_seed(self.seed, epoch, i)):
+                x = self.transform(img)
+            return x, int(self.index.labels[j]), attempt
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive files failed to decode near "
+                           f"{self.index.path(i)}; run scripts/check_dataset.py")
+
+
+class EvalDataset(Dataset):
+    """Returns (uint8 image, label, index); label -1 marks an image that failed to decode, which
+    evaluation leaves out (and counts) rather than replacing, so nothing is counted twice."""
+
+    def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str):
+        self.index = index
+        self.transform = eval_transform(img_size, crop_pct, interpolation)
+        self.blank = torch.zeros(3, img_size, img_size, dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_rgb(self.index.path(i))), int(self.index.labels[i]), i
+        except Exception as e:
+            log.warning(f"{self.index.path(i)}: cannot decode ({type(e).__name__}: {e}); skipped")
+            return self.blank, -1, i
+
+
+class EpochBatchSampler:
+    """Infinite batch sampler of (epoch, index) keys for one rank, starting at a micro-batch."""
+
+    def __init__(self, n: int, micro_batch: int, rank: int, world: int, seed: int, start: int = 0):
+        self.n, self.mb, self.rank, self.world, self.seed = n, micro_batch, rank, world, seed
+        self.batches_per_epoch = n // (micro_batch * world)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{n} images cannot fill one batch of {micro_batch} x {world} ranks")
+        self.start = start
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        k = self.start
+        epoch, perm = -1, None
+        while True:
+            e, b = divmod(k, self.batches_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self.permutation(e).tolist()
+            lo = (b * self.world + self.rank) * self.mb
+            yield [(epoch, i) for i in perm[lo:lo + self.mb]]
+            k += 1
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding parallelism comes from the workers themselves
+
+
+def _collate(batch):
+    xs, ys, extra = zip(*batch)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), torch.tensor(extra, dtype=torch.int64)
+
+
+def _loader(dataset, workers: int, pin: bool, **kw) -> DataLoader:
+    if workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
+    return DataLoader(dataset, num_workers=workers, pin_memory=pin, collate_fn=_collate, **kw)
+
+
+class DeviceFeeder:
+    """Moves uint8 batches to the device and normalizes them there, into the layout the model
+    wants. On CUDA the copy runs on a side stream one batch ahead, overlapping compute."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean, self.std = mean_std(device)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.stream is None:
+            x = normalize_(x.to(self.device), self.mean, self.std)
+            return x.contiguous(memory_format=self.memory_format), y.to(self.device)
+        with torch.cuda.stream(self.stream):
+            x = normalize_(x.to(self.device, non_blocking=True), self.mean, self.std)
+            x = x.contiguous(memory_format=self.memory_format)
+            y = y.to(self.device, non_blocking=True)
+        return x, y
+
+    def sync(self, x: torch.Tensor, y: torch.Tensor):
+        """Make the current stream wait for a batch made by __call__ before using it."""
+        if self.stream is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_stream(self.stream)
+            x.record_stream(cur)  # the allocator must not reuse it while compute reads it
+            y.record_stream(cur)
+        return x, y
+
+
+class TorchTrainLoader:
+    """Infinite iterator of (images float NCHW on device, labels int64 on device)."""
+
+    kind = "torch"
+
+    def __init__(self, index: DatasetIndex, aug: AugConfig, seed: int, micro_batch: int,
+                 rank: int, world: int, workers: int, device: torch.device, channels_last: bool):
+        self.dataset = TrainDataset(index, aug, seed)
+        self.sampler = EpochBatchSampler(len(index), micro_batch, rank, world, seed)
+        self.batches_per_epoch = self.sampler.batches_per_epoch
+        self.workers, self.device = workers, device
+        self.feeder = DeviceFeeder(device, channels_last)
+        self.consumed = 0          # micro-batches handed to the training loop
+        self.bad_files = 0         # decode failures replaced so far (this process)
+        self._it: Optional[Iterator] = None
+        self._next = None
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"loader state is for {state.get('kind')!r}, not {self.kind!r}")
+        if self._it is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        self.consumed = int(state["consumed"])
+
+    def _fetch(self):
+        x, y, replaced = next(self._it)
+        self.bad_files += int(replaced.sum())  # a CPU tensor: no device sync
+        return self.feeder(x, y)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self.sampler.start = self.consumed
+            dl = _loader(self.dataset, self.workers, self.device.type == "cuda",
+                         batch_sampler=self.sampler)
+            self._it = iter(dl)
+            self._next = self._fetch()
+        batch, self._next = self._next, self._fetch()
+        self.consumed += 1
+        return self.feeder.sync(*batch)
+
+    def close(self) -> None:
+        self._it = self._next = None
+
+
+class TorchEvalLoader:
+    """One pass over this rank's share (indices rank, rank + world, ...): no padding, no drops.
+    Yields (images, labels, indices); labels are -1 where decoding failed."""
+
+    kind = "torch"
+
+    def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str,
+                 batch_size: int, rank: int, world: int, workers: int, device: torch.device,
+                 channels_last: bool):
+        self.dataset = EvalDataset(index, img_size, crop_pct, interpolation)
+        self.indices = list(range(rank, len(index), world))
+        self.batch_size, self.workers, self.device = batch_size, workers, device
+        self.feeder = DeviceFeeder(device, channels_last)
+        self._dl: Optional[DataLoader] = None  # built once: persistent workers serve every pass
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        if self._dl is None:
+            batches = [self.indices[i:i + self.batch_size]
+                       for i in range(0, len(self.indices), self.batch_size)]
+            self._dl = _loader(self.dataset, self.workers, self.device.type == "cuda",
+                               batch_sampler=batches)
+        for x, y, idx in self._dl:
+            x, y = self.feeder.sync(*self.feeder(x, y))
+            yield x, y, idx

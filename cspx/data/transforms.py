@@ -1,0 +1,136 @@
+"""PIL transforms for the torch data path, and the on-device normalization both paths share.
+
+Transforms end in uint8 CHW tensors: a batch crosses to the GPU as 1 byte per value (4x less than
+float32) and is normalized there by `normalize_`, with exactly the arithmetic of torchvision's
+ToTensor + Normalize (x / 255, then (x - mean) / std in float32), so the result is bit-identical
+to timm's eval transform.
+
+Training randomness is drawn from torch's global generator inside `seeded(...)`, re-seeded per
+sample from (seed, epoch, index): a sample's augmentation does not depend on which worker
+decodes it or how many workers there are, and a resumed run reproduces it exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
+from PIL import Image
+
+from cspx.config import AugConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+          "nearest": T.InterpolationMode.NEAREST}
+
+# timm's RandAugment magnitude runs 0..10 (_LEVEL_DENOM); torchvision's and DALI's run over
+# 31 bins, bin 30 being the same maximum (rotate 30 deg, shear 0.3, enhance +-0.9, ...).
+RA_BINS = 31
+
+
+def ra_magnitude_bin(magnitude: float) -> int:
+    """timm's 0-10 magnitude -> bin index 0..30 used by torchvision and DALI (7 -> 21)."""
+    return int(round(magnitude / 10.0 * (RA_BINS - 1)))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed, decorrelated across (seed, epoch, index) by a hash."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run with torch's CPU generator seeded, restoring the caller's state afterwards (the main
+    process decodes with 0 workers, and its generator belongs to the training run)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and fully decode; grayscale, CMYK and palette images become RGB."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img.convert("RGB")
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def eval_resize_size(img_size: int, crop_pct: float) -> int:
+    """Shorter side before the center crop: floor(img_size / crop_pct), timm's rule
+    (224 / 0.875 = 256 exactly)."""
+    return int(math.floor(img_size / crop_pct))
+
+
+def eval_transform(img_size: int, crop_pct: float, interpolation: str) -> T.Compose:
+    return T.Compose([T.Resize(eval_resize_size(img_size, crop_pct), interpolation=INTERP[interpolation]),
+                      T.CenterCrop(img_size), to_uint8_chw])
+
+
+def _rand() -> float:
+    """U(0, 1) from torch's CPU generator (a CPU scalar: no device sync)."""
+    return float(torch.rand(()))
+
+
+def _darknet_scale(s: float) -> float:
+    """darknet rand_scale: u ~ U(1, s) (either order), then u or 1/u with equal odds."""
+    lo, hi = min(1.0, s), max(1.0, s)
+    u = lo + (hi - lo) * _rand()
+    return u if _rand() < 0.5 else 1.0 / u
+
+
+class TrainTransform:
+    """random-resized-crop -> rotate -> flip -> darknet colour jitter -> RandAugment -> uint8.
+
+    Call it inside `seeded(sample_seed(...))`; every random draw comes from torch's generator.
+    """
+
+    def __init__(self, aug: AugConfig):
+        self.aug = aug
+        interp = INTERP[aug.interpolation]
+        self.rrc = T.RandomResizedCrop(aug.img_size, scale=aug.scale, ratio=aug.ratio,
+                                       interpolation=interp)
+        self.ra = (T.RandAugment(num_ops=aug.randaugment_ops,
+                                 magnitude=ra_magnitude_bin(aug.randaugment_magnitude),
+                                 num_magnitude_bins=RA_BINS, interpolation=interp)
+                   if aug.randaugment_ops > 0 else None)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        a = self.aug
+        img = self.rrc(img)
+        if a.rotate > 0:
+            angle = (_rand() * 2 - 1) * a.rotate
+            img = F.rotate(img, angle, interpolation=T.InterpolationMode.BILINEAR)
+        if _rand() < a.hflip:
+            img = F.hflip(img)
+        if a.hue > 0:
+            img = F.adjust_hue(img, (_rand() * 2 - 1) * a.hue)
+        if a.saturation != 1.0:
+            img = F.adjust_saturation(img, _darknet_scale(a.saturation))
+        if a.exposure != 1.0:
+            img = F.adjust_brightness(img, _darknet_scale(a.exposure))
+        if self.ra is not None:
+            img = self.ra(img)
+        return to_uint8_chw(img)
+
+
+def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32, as ToTensor + Normalize compute it. mean/std: (3, 1, 1)."""
+    return x.float().div_(255).sub_(mean).div_(std)
+
+
+def mean_std(device: torch.device):
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+    return mean, std

@@ -1,0 +1,159 @@
+"""Process-group setup from torchrun's environment, and the few collectives the trainer needs.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here degrades to single-process
+no-ops, so the training loop has one code path.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from cspx.errors import CspxError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(pref: str, local_rank: int) -> torch.device:
+    """'auto' -> cuda:local_rank when CUDA is usable, else cpu. 'cuda' without CUDA is an error."""
+    if pref == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if pref == "cuda":
+        raise CspxError("run.device: cuda was requested but this machine has no usable CUDA GPU")
+    return torch.device("cpu")
+
+
+def init(device_pref: str = "auto", timeout_min: float = 30.0) -> DistEnv:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...).
+
+    NCCL on GPUs, gloo on CPU. The timeout bounds how long a rank waits for a dead peer before
+    the job fails with an error instead of hanging.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    device = pick_device(device_pref, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **kw)
+    return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> List[Any]:
+    """Every rank's `obj`, in rank order (pickled between processes, never written to disk)."""
+    if not env.distributed:
+        return [obj]
+    out: List[Any] = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank. Parameters are identical
+    across ranks under DDP; buffers drift apart as each rank normalises its own batches."""
+    if env.distributed:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if `flag` is true on any rank (a blocking CPU collective)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(t[0])
+
+
+_CPU_GROUP: Optional[Any] = None
+
+
+def _cpu_group():
+    """A gloo group for small host-side flags: with NCCL as the main backend, a CPU collective
+    does not touch the CUDA stream, so the training step is not synchronised by it."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
+class StopVote:
+    """Agree on stopping at a step boundary without stalling every step on it.
+
+    Each boundary starts an async all-reduce (MAX) of this rank's flag and collects the one
+    started at the previous boundary. A signal reaching any one rank therefore stops all ranks at
+    the same step, one step later, and no rank blocks on a collective in between.
+    """
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self._work = None
+        self._buf: Optional[torch.Tensor] = None
+
+    def poll(self, local: bool) -> bool:
+        if not self.env.distributed:
+            return local
+        decided = False
+        if self._work is not None:
+            self._work.wait()
+            decided = bool(self._buf[0])
+        self._buf = torch.tensor([int(local)], dtype=torch.int32)
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=_cpu_group(),
+                                     async_op=True)
+        return decided
+
+    def finish(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+
+def destroy() -> None:
+    global _CPU_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CPU_GROUP = None

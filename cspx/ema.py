@@ -1,0 +1,44 @@
+"""Exponential moving average of the model's weights, updated after every optimizer step."""
+from __future__ import annotations
+
+import copy
+from typing import Dict
+
+import torch
+from torch import nn
+
+
+class ModelEma:
+    """ema <- decay * ema + (1 - decay) * model, for parameters and floating-point buffers
+    (BN running statistics); integer buffers (num_batches_tracked) are copied.
+
+    The update is one foreach lerp over all tensors: no host sync, a handful of kernels.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        self.module.requires_grad_(False)
+        self._pairs = None
+
+    def _tensors(self, model: nn.Module):
+        if self._pairs is None:
+            src = dict(model.state_dict(keep_vars=True))
+            dst = dict(self.module.state_dict(keep_vars=True))
+            floats = [(dst[k], src[k]) for k in dst if dst[k].is_floating_point()]
+            ints = [(dst[k], src[k]) for k in dst if not dst[k].is_floating_point()]
+            self._pairs = ([d.data for d, _ in floats], [s.data for _, s in floats], ints)
+        return self._pairs
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_f, model_f, ints = self._tensors(model)
+        torch._foreach_lerp_(ema_f, model_f, 1.0 - self.decay)
+        for d, s in ints:
+            d.copy_(s)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)

@@ -1,0 +1,151 @@
+"""What a run records: the provenance header, metrics.jsonl, TensorBoard, and the console log.
+
+On resume from step S, events after S (written between that checkpoint and the interruption) are
+dropped from metrics.jsonl and purged from TensorBoard, so both continue with no duplicated and no
+missing steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+import cspx
+
+log = logging.getLogger("cspx")
+
+
+def git_commit() -> str:
+    """Commit of the cspx source tree, with '+dirty' for uncommitted changes; 'unknown' outside git."""
+    src = os.path.dirname(os.path.dirname(os.path.abspath(cspx.__file__)))
+    try:
+        r = subprocess.run(["git", "-C", src, "rev-parse", "--verify", "-q", "HEAD"],
+                           capture_output=True, text=True, timeout=10)
+        sha = r.stdout.strip()
+        if r.returncode != 0 or not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def versions() -> Dict[str, str]:
+    import torchvision
+    out = {"cspx": cspx.__version__, "python": platform.python_version(),
+           "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())}
+    try:
+        import nvidia.dali as dali
+        out["dali"] = dali.__version__
+    except Exception:  # DALI is optional at run time (e.g. macOS, or a broken install)
+        out["dali"] = "not installed"
+    return out
+
+
+def provenance(device: torch.device, world: int = 1) -> Dict[str, Any]:
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": socket.gethostname(),
+            "commit": git_commit(), **versions(), "device": device_name(device),
+            "world_size": world, "command": " ".join([sys.executable] + sys.argv)}
+
+
+def format_provenance(p: Dict[str, Any]) -> str:
+    width = max(len(k) for k in p)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in p.items())
+
+
+def setup_console(run_dir: Optional[str], is_main: bool, verbose: bool = False) -> None:
+    """Log 'cspx' messages to stderr (rank 0, or warnings on other ranks) and to run_dir/train.log."""
+    logger = logging.getLogger("cspx")
+    logger.handlers.clear()
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    h = logging.StreamHandler(sys.stderr)
+    h.setLevel(logging.INFO if is_main else logging.WARNING)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(h)
+    if run_dir and is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(fh)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per event, with step and wall time) and TensorBoard."""
+
+    def __init__(self, run_dir: str, resume_step: Optional[int], tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step drops events at steps >= it that a killed run wrote after its checkpoint
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path, "r", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except ValueError:  # a line cut by the kill
+                    continue
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def image_grid(self, tag: str, images: torch.Tensor, step: int = 0) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_images(tag, images, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._f.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real ImageNet sample, per-test caches, and a CPU-only, quiet torch."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.normpath(os.path.join(ROOT, "..", "shared", "imagenet-sample"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA exists (scripts/gpu_check.sh runs `pytest -m gpu`)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by scripts/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Index caches go to a per-session temp dir, never to ~/.cache."""
+    monkeypatch.setenv("CSPX_CACHE", str(tmp_path_factory.getbasetemp() / "cspx-cache"))
+
+
+@pytest.fixture(scope="session")
+def sample_dir():
+    """../shared/imagenet-sample: 105 real ImageNet JPEGs (5 grayscale) and synsets.txt."""
+    if not os.path.isdir(os.path.join(SAMPLE, "val")):
+        pytest.skip(f"ImageNet sample not found at {SAMPLE} (it ships beside the repository)")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The synthetic demo dataset, generated once per test session."""
+    from cspx.data.synthetic import generate
+    return generate(str(tmp_path_factory.getbasetemp() / "demo-data"))
+
+
+def run_py(args, cwd=ROOT, timeout=600, env=None, **kw):
+    """Run `python <args>` in the repository; returns CompletedProcess with text output."""
+    import subprocess
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=e, **kw)

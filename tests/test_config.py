@@ -1,0 +1,127 @@
+"""Recipes and overrides: every bad key or value is one clear line naming the source and key."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import pytest
+import yaml
+
+from cspx import configio
+from cspx.config import Config, load_config
+from cspx.errors import CspxError
+from conftest import ROOT, run_py
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    return write(tmp_path, f"seed: 1\nrun: {{dir: {tmp_path / 'run'}}}\ndata: {{root: {data}}}\n")
+
+
+def test_all_recipes_load_and_are_complete(tmp_path):
+    assert {os.path.basename(p) for p in RECIPES} >= {"cspresnext50_ra.yaml",
+                                                      "cspresnext50_darknet.yaml", "demo.yaml"}
+    every_key = set(configio.flatten(configio.to_dict(Config())))
+    for path in RECIPES:
+        cfg = load_config(path, [f"data.root={tmp_path}"])
+        assert isinstance(cfg, Config)
+        # a recipe spells out every key, so it documents the whole run
+        assert set(configio.flatten(yaml.safe_load(open(path)))) == every_key, path
+
+
+def test_every_recipe_key_has_a_comment():
+    for path in RECIPES:
+        for n, line in enumerate(open(path), 1):
+            if re.match(r"^\s*[a-z_]+:\s*\S", line):   # a key with a value (not a section)
+                assert "#" in line, f"{path}:{n}: key without a comment: {line.strip()}"
+
+
+def test_documented_recipe_values(tmp_path):
+    c = load_config(os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml"), [f"data.root={tmp_path}"])
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.1, 0.9, 0.005)
+    assert (c.train.steps, c.train.batch_size, c.train.label_smoothing) == (8_000_000, 128, 0.1)
+    assert (c.sched.power, c.sched.burn_in) == (4.0, 1000)
+    assert (c.aug.img_size, c.aug.scale, c.aug.interpolation) == (224, (0.08, 1.0), "bilinear")
+    assert c.aug.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert (c.aug.randaugment_ops, c.aug.randaugment_magnitude, c.aug.hflip) == (2, 7.0, 0.5)
+    assert (c.eval.img_size, c.eval.crop_pct, c.eval.interpolation) == (224, 0.875, "bilinear")
+    d = load_config(os.path.join(ROOT, "recipes", "cspresnext50_darknet.yaml"), [f"data.root={tmp_path}"])
+    assert (d.train.steps, d.optim.weight_decay, d.train.label_smoothing) == (800_000, 0.0005, 0.0)
+    assert (d.aug.hue, d.aug.saturation, d.aug.exposure, d.aug.rotate) == (0.1, 0.75, 0.75, 7.0)
+
+
+def test_overrides_are_yaml_scalars(recipe):
+    c = load_config(recipe, ["train.steps=2000", "optim.lr=0.2", "model.init_from=null",
+                             "aug.scale=[0.5, 1.0]", "ema.enabled=true"])
+    assert (c.train.steps, c.optim.lr, c.model.init_from, c.aug.scale, c.ema.enabled) == \
+        (2000, 0.2, None, (0.5, 1.0), True)
+    assert c.seed == 1  # untouched file values stay
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim: {lrr: 0.1}", "optim.lrr: unknown key, did you mean optim.lr?"),
+    ("optimm: {lr: 0.1}", "optimm: unknown key, did you mean optim?"),
+    ("train: {steps: 1.5}", "train.steps: expected an integer, got 1.5"),
+    ("optim: {lr: '0.1'}", "optim.lr: expected a number, got '0.1'"),
+    ("train: {precision: fp8}", "train.precision: expected 'fp32' or 'bf16' or 'fp16' or 'auto'"),
+    ("optim: {lr: 0}", "optim.lr: must be > 0, got 0.0"),
+    ("optim: {momentum: 1.0}", "optim.momentum: must be in [0, 1), got 1.0"),
+    ("eval: {crop_pct: 1.5}", "eval.crop_pct: must be in (0, 1], got 1.5"),
+    ("train: {steps: 0}", "train.steps: must be > 0, got 0"),
+    ("train: {batch_size: 128, accum_steps: 3}", "train.batch_size: 128 is not divisible by train.accum_steps=3"),
+    ("aug: {scale: [0.5]}", "aug.scale: expected a list of 2 a number"),
+    ("train: 5", "train: expected a mapping"),
+    ("data: {root: /nonexistent/imagenet}", "data.root: folder '/nonexistent/imagenet' does not exist"),
+])
+def test_recipe_errors_name_file_and_key(tmp_path, text, message):
+    data = tmp_path / "d"
+    data.mkdir()
+    base = {"data": {"root": str(data)}}
+    merged = configio.merge(base, yaml.safe_load(text)) if isinstance(yaml.safe_load(text), dict) else text
+    path = write(tmp_path, yaml.safe_dump(merged) if isinstance(merged, dict) else text)
+    with pytest.raises(CspxError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: "), str(e.value)
+    assert message in str(e.value)
+
+
+def test_override_errors_name_the_command_line(recipe):
+    for ov, msg in [(["optim.lrr=1"], "command line: optim.lrr: unknown key, did you mean optim.lr?"),
+                    (["train.steps=abc"], "command line: train.steps: expected an integer, got 'abc'"),
+                    (["optim=1"], "command line: optim: is a section"),
+                    (["nonsense"], "command line: 'nonsense': expected dotted.key=value")]:
+        with pytest.raises(CspxError) as e:
+            load_config(recipe, ov)
+        assert str(e.value).startswith(msg), str(e.value)
+
+
+def test_cli_bad_recipe_is_one_line_exit_2(tmp_path, recipe):
+    r = run_py(["train.py", "--recipe", recipe, "optim.momentum=2"], timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: command line: optim.momentum: must be in [0, 1), got 2.0"
+    assert "Traceback" not in r.stderr
+    r = run_py(["train.py", "--recipe", str(tmp_path / "missing.yaml")], timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.yaml" in r.stderr
+    r = run_py(["train.py", "--recipe", recipe, "optim.momentum=2", "--verbose"], timeout=120)
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_resume_free_keys():
+    from cspx.config import training_diff
+    a = configio.to_dict(Config())
+    b = configio.merge(a, {"run": {"dir": "x", "log_every_steps": 7}, "eval": {"every_steps": 5},
+                           "checkpoint": {"every_steps": 3}, "data": {"workers": 1}})
+    assert training_diff(a, b) == []
+    c = configio.merge(a, {"train": {"steps": 5}, "optim": {"lr": 0.3}, "data": {"loader": "dali"}})
+    assert training_diff(a, c) == ["data.loader", "optim.lr", "train.steps"]
