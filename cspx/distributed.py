@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from cspx.errors import CspxError
 
+_CPU_GROUP: Optional[Any] = None  # gloo group for host-side flags, made by init()
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -61,6 +63,11 @@ def init(device_pref: str = "auto", timeout_min: float = 30.0) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **kw)
+        global _CPU_GROUP
+        # small host-side flags get their own gloo group: with NCCL as the main backend a CPU
+        # collective does not touch the CUDA stream, and with gloo it does not interleave with
+        # DDP's gradient all-reduces
+        _CPU_GROUP = dist.new_group(backend="gloo")
     return DistEnv(rank, world, local_rank, local_world, device)
 
 
@@ -105,20 +112,8 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     if not env.distributed:
         return flag
     t = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
     return bool(t[0])
-
-
-_CPU_GROUP: Optional[Any] = None
-
-
-def _cpu_group():
-    """A gloo group for small host-side flags: with NCCL as the main backend, a CPU collective
-    does not touch the CUDA stream, so the training step is not synchronised by it."""
-    global _CPU_GROUP
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-    return _CPU_GROUP
 
 
 class StopVote:
@@ -142,7 +137,7 @@ class StopVote:
             self._work.wait()
             decided = bool(self._buf[0])
         self._buf = torch.tensor([int(local)], dtype=torch.int32)
-        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=_cpu_group(),
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=_CPU_GROUP,
                                      async_op=True)
         return decided
 

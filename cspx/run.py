@@ -23,7 +23,7 @@ from cspx.models import convert_sync_batchnorm, create_model
 from cspx.optim import build_sgd
 from cspx.plan import describe_plan
 from cspx.runlog import MetricsLog, format_provenance, provenance, setup_console
-from cspx.trainer import Trainer
+from cspx.trainer import Trainer, seed_all
 from cspx.weights import load_into
 
 log = logging.getLogger("cspx")
@@ -132,7 +132,7 @@ def _train(cfg: Config, env: distributed.DistEnv, resume, force, dry_run, verbos
                        model={"num_classes": num_classes})
     mb = micro_batch(cfg, env.world)
     log.info("resolved config:\n" + configio.dump_yaml(cfg))
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    seed_all(cfg.seed)  # identical initial weights on every rank
     model = create_model(cfg.model.name, num_classes=num_classes,
                          drop_path_rate=cfg.model.drop_path_rate)
     if dry_run:
@@ -176,7 +176,7 @@ def _train(cfg: Config, env: distributed.DistEnv, resume, force, dry_run, verbos
             train_loader.load_state_dict(state["ranks"][0]["loader"])
         del state
     else:
-        torch.manual_seed(cfg.seed + 1 + env.rank)  # stochastic layers differ across ranks
+        seed_all(cfg.seed + 1 + env.rank)  # stochastic layers differ across ranks
     trainer.wrap()
     epochs = cfg.train.steps * cfg.train.batch_size / len(train_index)
     log.info(f"training {cfg.model.name} for {cfg.train.steps} steps ({epochs:.2f} epochs) of "

@@ -57,11 +57,11 @@ def versions() -> Dict[str, str]:
     out = {"cspx": cspx.__version__, "python": platform.python_version(),
            "torch": torch.__version__, "torchvision": torchvision.__version__,
            "cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())}
-    try:
-        import nvidia.dali as dali
-        out["dali"] = dali.__version__
-    except Exception:  # DALI is optional at run time (e.g. macOS, or a broken install)
-        out["dali"] = "not installed"
+    # from package metadata: importing DALI costs seconds and is not needed to name its version
+    from importlib import metadata
+    dali = [f"{d.metadata['Name']} {d.version}" for d in metadata.distributions()
+            if (d.metadata["Name"] or "").startswith("nvidia-dali")]
+    out["dali"] = ", ".join(sorted(dali)) or "not installed"
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cspx.checkpoint import FORMAT, FORMAT_VERSION, CheckpointManager
 from cspx.config import Config
@@ -32,6 +34,13 @@ from cspx.signals import Preemption
 
 log = logging.getLogger("cspx")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator a run may draw from: Python, NumPy, torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
@@ -195,40 +204,47 @@ class Trainer:
         self.metrics.image_grid("train/augmented_inputs", (x * std + mean).clamp(0, 1).cpu(), 0)
 
     # ----- the loop ---------------------------------------------------------------------------
-    def fit(self) -> bool:
-        """Train to train.steps. Returns False if stopped early by a signal (state saved)."""
-        cfg, p = self.cfg, self.progress
-        total = cfg.train.steps
+    def fit(self, until: Optional[int] = None) -> bool:
+        """Train to train.steps (or only to step `until`, for benchmarks; the schedule still
+        spans train.steps). Returns False if stopped early by a signal (state saved)."""
+        p = self.progress
         self.preemption.install()
-        bar = tqdm(total=total, initial=p.step, disable=not self.env.is_main, unit="step",
-                   dynamic_ncols=True, smoothing=0.05)
-        if p.step == 0 and self.metrics.tb is not None:
-            self._log_image_grid()
-        self._window = (time.perf_counter(), p.images)
-        stopped = False
+        # a log file gets a progress line every 30 s instead of a stream of carriage returns
+        bar = tqdm(total=self.cfg.train.steps, initial=p.step, disable=not self.env.is_main,
+                   unit="step", dynamic_ncols=True, smoothing=0.05,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         try:
-            while p.step < total:
-                self.train_step()
-                bar.update(1)
-                step = p.step
-                if step % cfg.run.log_every_steps == 0 or step == total:
-                    self._log_train(bar)
-                best = False
-                if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total:
-                    best = self.run_eval()
-                stopped = self.vote.poll(self.preemption.requested)
-                periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-                if periodic or best or stopped or step == total:
-                    self.save(best=best, blocking=stopped or step == total)
-                self.ckpt.check()
-                if stopped:
-                    break
+            with logging_redirect_tqdm(loggers=[log]):
+                if p.step == 0 and self.metrics.tb is not None:
+                    self._log_image_grid()
+                return self._loop(bar, min(until or self.cfg.train.steps, self.cfg.train.steps))
         finally:
             self.vote.finish()
             self.preemption.restore()
             bar.close()
             self.ckpt.close()
-        return not stopped
+
+    def _loop(self, bar, until: int) -> bool:
+        cfg, p = self.cfg, self.progress
+        total = cfg.train.steps
+        self._window = (time.perf_counter(), p.images)
+        while p.step < until:
+            self.train_step()
+            bar.update(1)
+            step = p.step
+            if step % cfg.run.log_every_steps == 0 or step == total:
+                self._log_train(bar)
+            best = False
+            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total:
+                best = self.run_eval()
+            stopped = self.vote.poll(self.preemption.requested)
+            periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+            if periodic or best or stopped or step == total:
+                self.save(best=best, blocking=stopped or step == total)
+            self.ckpt.check()
+            if stopped:
+                return False
+        return True
 
     def _log_train(self, bar) -> None:
         p = self.progress

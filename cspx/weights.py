@@ -54,7 +54,7 @@ def _diagnose(path: str, head: bytes, err: Exception) -> str:
         if not zipfile.is_zipfile(path):        # the central directory sits at the end
             return "truncated or corrupt checkpoint (incomplete zip archive)"
     elif head[:1] == b"\x80":                   # pickle protocol byte: torch's legacy format
-        if isinstance(err, EOFError) or "EOF" in msg:
+        if isinstance(err, EOFError) or "EOF" in msg or "truncated" in msg:
             return "truncated or corrupt checkpoint (data ends early)"
     else:
         return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"

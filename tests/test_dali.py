@@ -8,14 +8,18 @@ import gc
 import io
 import logging
 import os
+import platform
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-pytest.importorskip("nvidia.dali", reason="nvidia-dali is a dependency on Linux x86_64/aarch64")
+if not (sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")):
+    # elsewhere the wheel does not exist; on Linux it is a dependency, and must import (in CI too)
+    pytest.importorskip("nvidia.dali", reason="DALI wheels exist for Linux x86_64/aarch64 only")
 
 from cspx.config import AugConfig  # noqa: E402
 from cspx.data.dali_loader import DaliEvalLoader, DaliTrainLoader, dali_available  # noqa: E402
@@ -366,11 +370,14 @@ def test_resume_is_exact_mid_epoch_and_at_epoch_boundary(env, index):
         for j in range(k, n):
             x, y = next(b)
             assert torch.equal(x, ref[j][0]) and torch.equal(y, ref[j][1]), f"k={k} batch {j}"
+            if j == k:
+                b.close()  # close() keeps the position: the next batch rebuilds and continues
         assert b.epoch == n / 6
         with pytest.raises(RuntimeError, match="before the first batch"):
             b.load_state_dict(state)
         b.close()
-    assert fresh_state["consumed"] == 0 and fresh_state["checkpoint"] == b""
+    assert fresh_state["consumed"] == 0 and fresh_state["checkpoint"] == ""
+    assert all(isinstance(v, (str, int)) for v in state.values())
     other = train_loader(env, index, aug, mb=16, rank=0, world=2)
     with pytest.raises(ValueError, match="world size"):
         other.load_state_dict(state)
@@ -433,13 +440,15 @@ def test_gpu_eval_close_to_pil(env, index, eval_pair):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_memory_does_not_grow_over_epochs(env, index):
-    """Device memory (DALI's pool and torch's, both seen by cudaMemGetInfo) after the first epoch
-    stays put over the next five: nvJPEG buffers are preallocated, batches have fixed shapes."""
+    """Device memory (DALI's pools and torch's, both seen by cudaMemGetInfo) levels off: nvJPEG's
+    buffers are preallocated and batches have fixed shapes; only DALI's buffers for the decoded
+    random crops may still grow a little to the largest batch seen. A leak of one fp16 batch per
+    step (4.8 MB) would add 200 MB over the last seven epochs."""
     dev = torch.device("cuda", 0)
     loader = DaliTrainLoader(index, AugConfig(img_size=224), 0, 16, 0, 1, 4, dev, True,
                              dtype=torch.float16, file_list_dir=str(env / "lists"))
     used = []
-    for epoch in range(6):
+    for epoch in range(10):
         for _ in range(loader.batches_per_epoch):
             x, _ = next(loader)
             x.float().sum().item()  # consume the batch as training would
@@ -449,5 +458,5 @@ def test_gpu_memory_does_not_grow_over_epochs(env, index):
     loader.close()
     print("\nGPU used / torch reserved per epoch (MiB):",
           [(u >> 20, r >> 20) for u, r in used])
-    assert used[-1][0] - used[0][0] < 64 << 20
-    assert used[-1][1] == used[0][1]
+    assert used[-1][0] - used[2][0] < 96 << 20
+    assert used[-1][1] == used[2][1]

@@ -19,8 +19,8 @@ EVAL_ATOL = 1e-5
 # Train mode: the models run the same ATen ops in the same order, and on one machine we measure
 # bit-identical outputs, gradients and BN statistics (max diff 0.0). The tolerance only absorbs a
 # legitimate change of summation order inside a kernel (another blocking or SIMD path): BN's
-# batch mean/var and their backward reduce over N*H*W values (2*64*64 = 8k in the stem at
-# 128 px), where reassociation moves a sum by up to ~sqrt(n)*eps ~ 1e-5 relative, and the division
+# batch mean/var and their backward reduce over N*H*W values (2*112*112 = 25k in the stem
+# at 224 px), where reassociation moves a sum by up to ~sqrt(n)*eps ~ 1e-5 relative, and the division
 # by the batch std in ~50 BN layers in a row can amplify that. So we allow 1e-4 of each tensor's
 # largest magnitude. Real differences (another LeakyReLU slope, swapped split halves, a missing
 # activation) are >= 1e-2 relative; test_tolerance_catches_a_real_difference checks one.
@@ -152,8 +152,8 @@ def test_cspresnext50_strict_load_both_ways():
 
 
 # cspresnext50 at its train (224) and test (256) resolutions; the others once, smaller.
-@pytest.mark.parametrize("name,sizes,n", [("cspresnext50", (224, 256), 1),
-                                          ("cspresnet50", (160,), 1),
+@pytest.mark.parametrize("name,sizes,n", [("cspresnext50", (224, 256), 2),
+                                          ("cspresnet50", (224,), 1),
                                           ("cspdarknet53", (128,), 1),
                                           ("cspresnext_tiny", (32, 64), 2)])
 def test_eval_logits_match_timm(name, sizes, n):
@@ -175,9 +175,9 @@ def _train_step(model: nn.Module, x: torch.Tensor):
     return out.detach(), {k: p.grad for k, p in model.named_parameters()}
 
 
-# Batch 2 at reduced resolution keeps this fast; the last stage still normalises over
-# 2 * (size/32)^2 >= 8 values per channel, so batch statistics are defined.
-@pytest.mark.parametrize("name,size", [("cspresnext50", 128), ("cspresnet50", 96),
+# Batch 2; cspresnext50 at its 224 px train resolution, the others smaller to stay fast (their
+# last stage still normalises over 2 * (size/32)^2 >= 8 values per channel).
+@pytest.mark.parametrize("name,size", [("cspresnext50", 224), ("cspresnet50", 96),
                                        ("cspdarknet53", 64)])
 def test_train_mode_outputs_grads_and_bn_stats_match_timm(name, size):
     ours, ref = pair(name)

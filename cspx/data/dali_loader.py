@@ -17,7 +17,7 @@ longer; ranks still step together, since the iterator is infinite.
 Resume. Pipelines are built with `enable_checkpointing=True`. DALI's checkpoint describes the
 position after the last batch handed out, not after the batches the pipeline has prefetched, and
 it holds the reader's shuffle state and every random operator's generator state. `state_dict()`
-stores it (bytes) with the micro-batch count; a new loader given it via `load_state_dict` rebuilds
+stores it with the micro-batch count; a new loader given it via `load_state_dict` rebuilds
 the pipeline from it and continues with the exact next batch, augmentations included, also
 across epoch boundaries. The world size, shard and pipeline settings must match (checked).
 
@@ -28,6 +28,7 @@ naming scripts/check_dataset.py (its exclusion list goes to data.exclude).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -81,9 +82,9 @@ def _shard_size(n: int, rank: int, world: int) -> int:
 
 
 def _file_list(directory: str, name: str, index: DatasetIndex, label_is_index: bool) -> str:
-    """Write (or reuse) the file list; the name carries a hash of its contents, so concurrent
-    ranks and later runs agree on it without locking."""
-    h = hashlib.sha256(index.root.encode())
+    """Write (or reuse) the file list; the name carries a hash of its contents (relative paths and
+    labels), so concurrent ranks and later runs agree on it without locking."""
+    h = hashlib.sha256(str(label_is_index).encode())
     for rel, lab in zip(index.files, index.labels.tolist()):
         h.update(f"{rel}\t{lab}\n".encode())
     path = os.path.join(directory, f"{name}-{h.hexdigest()[:16]}.txt")
@@ -141,10 +142,13 @@ class DaliTrainLoader:
             ra_ops=aug.randaugment_ops, ra_magnitude=aug.randaugment_magnitude,
             dtype_name=DTYPES[dtype], channels_last=channels_last)
         self.aug_seed = sample_seed(seed, -2, rank) & 0x7FFFFFFF  # augmentation differs by rank
-        # identifies the pipeline a checkpoint belongs to (the file list name hashes the data)
+        # what a checkpoint depends on: the listed files (the file list's name hashes them), the
+        # graph and the seeds; not where the data lives, nor throughput knobs
+        graph = {k: v for k, v in self.params.items()
+                 if k not in ("file_root", "file_list", "hw_decoder_load")}
         self.signature = hashlib.sha256(json.dumps(
-            {**self.params, "file_list": os.path.basename(self.params["file_list"]),
-             "batch": micro_batch, "seed": self.aug_seed}, sort_keys=True).encode()).hexdigest()
+            {**graph, "files": os.path.basename(self.params["file_list"]), "batch": micro_batch,
+             "seed": self.aug_seed}, sort_keys=True).encode()).hexdigest()
         self.consumed = 0          # micro-batches handed to the training loop
         self.bad_files = 0         # always 0: DALI replaces nothing at run time (module doc)
         self._checkpoint: Optional[bytes] = None
@@ -155,9 +159,12 @@ class DaliTrainLoader:
         return self.consumed / self.batches_per_epoch
 
     def state_dict(self) -> dict:
+        """Plain types only. The DALI checkpoint (serialized protobuf bytes) is kept as base64
+        text, which every torch.load(weights_only=True) since torch 2.4 reads back."""
         ckpt = self._it.checkpoints()[0] if self._it is not None else self._checkpoint
         return {"kind": self.kind, "consumed": self.consumed, "world": self.world,
-                "rank": self.rank, "signature": self.signature, "checkpoint": ckpt or b""}
+                "rank": self.rank, "signature": self.signature,
+                "checkpoint": base64.b64encode(ckpt or b"").decode("ascii")}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
@@ -172,7 +179,7 @@ class DaliTrainLoader:
             raise ValueError("DALI loader state comes from a different dataset, batch size, seed "
                              "or augmentation; it cannot resume this pipeline")
         self.consumed = int(state["consumed"])
-        self._checkpoint = bytes(state["checkpoint"]) or None
+        self._checkpoint = base64.b64decode(state["checkpoint"]) or None
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -207,7 +214,13 @@ class DaliTrainLoader:
         return x, y
 
     def close(self) -> None:
-        """Stop DALI's threads and free its buffers (the pipeline goes with the iterator)."""
+        """Stop DALI's threads and free its buffers (the pipeline goes with the iterator). The
+        position is kept: state_dict() stays right, and a later batch continues from it."""
+        if self._it is not None:
+            try:
+                self._checkpoint = self._it.checkpoints()[0]
+            except RuntimeError:  # the pipeline died with an error: nothing to keep
+                pass
         self._it = self._pipe = None
 
 
@@ -225,7 +238,8 @@ class DaliEvalLoader:
         if len(index) < world:
             raise ValueError(f"{len(index)} validation images cannot be shared by {world} ranks")
         self.device, self.device_id = device, _device_id(device)
-        self.batch_size, self.workers, self.channels_last = batch_size, max(1, workers), channels_last
+        self.batch_size, self.workers = batch_size, max(1, workers)
+        self.channels_last = channels_last
         self._num = _shard_size(len(index), rank, world)
         directory = file_list_dir or os.path.join(cache_dir(), "dali")
         self.params = dict(

@@ -7,18 +7,19 @@ either flip-equivariant (colour, posterize, ...) or draws a sign-symmetric param
 shear, translate), so the distribution of augmented images is the same.
 
 Differences from the torch path, by design or because DALI computes them differently:
-- Colour jitter uses `fn.hsv`, which DALI computes as one linear map in RGB: saturation blends
-  with the luma axis (as torchvision's adjust_saturation does), value multiplies RGB (as
-  adjust_brightness does), but hue is a rotation about the grey axis, an approximation of
-  torchvision's exact HSV hue shift.
-- RandAugment is DALI's `auto_aug.rand_augment` with torchvision's op list, 31 magnitude bins
-  and the same ranges (shear 0.3, translate 150/331 of the side, rotate 30 deg, enhance +-0.9,
-  posterize 8..4 bits, solarize threshold 256..0, fill 0). It differs in details: translation
-  is by fractional pixels (torchvision truncates to whole pixels), solarize's threshold runs
-  256..0 instead of 255..0 (the same integer threshold except at bin 0, where torchvision also
-  inverts pixels equal to 255), equalize follows OpenCV rather than PIL, sharpness leaves no
-  1 px unsharpened border, and geometric ops use bilinear interpolation even when
-  aug.interpolation is bicubic (DALI's warp supports linear and nearest only).
+- Colour jitter uses `fn.hsv`, which DALI computes as one linear map in RGB (via YIQ):
+  saturation blends with luma, exactly as torchvision's adjust_saturation, and value multiplies
+  RGB, as adjust_brightness; but hue rotates the chroma plane at constant luma, where
+  torchvision shifts HSV hue at constant max(R, G, B): pure red turned by 30 degrees becomes
+  (210, 52, 0) here and (255, 126, 0) there. Same direction and range, different colours.
+- RandAugment is DALI's auto_aug RandAugment with torchvision's op list, 31 magnitude bins and
+  the same ranges (shear 0.3, translate 150/331 of the side, rotate 30 deg, enhance +-0.9,
+  posterize 8..4 bits, fill 0). It differs in details: translation is by fractional pixels
+  (torchvision truncates to whole pixels); solarize's threshold runs 256..0 instead of 255..0
+  (the same integer threshold except at bin 0, where torchvision also inverts pixels equal to
+  255); equalize follows OpenCV rather than PIL; sharpness also filters the 1 px border that PIL
+  leaves unchanged; geometric ops interpolate bilinearly even when aug.interpolation is bicubic
+  (DALI's warps support linear and nearest only).
 - Resizing is DALI's antialiased resampling, not PIL's (see docs/dali.md).
 """
 from __future__ import annotations
@@ -79,8 +80,7 @@ def train_pipeline(file_root: str, file_list: str, shard_id: int, num_shards: in
     jpegs, labels = _reader(file_root, file_list, shard_id, num_shards, True, shuffle_seed)
     # adjust_orientation=False: PIL (the torch path, timm) ignores EXIF orientation too
     dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False,
-               random_area=list(scale),
-               random_aspect_ratio=list(ratio), num_attempts=10)
+               random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
     if mixed:
         dec.update(device="mixed", hw_decoder_load=hw_decoder_load,
                    device_memory_padding=DEVICE_MEMORY_PADDING,

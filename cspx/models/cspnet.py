@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cspx.errors import CspxError
-from cspx.models.layers import ACTIVATIONS, ConvNormAct, drop_path_or_identity
+from cspx.models.layers import ACTIVATIONS, ConvNormAct, convert_groupnorm, drop_path_or_identity
 
 Num = Union[int, float]
 PerStage = Union[Num, Tuple[Num, ...]]
@@ -50,10 +50,13 @@ class CspConfig:
     cross_linear: bool = False    # conv_exp without activation
     down_growth: bool = False     # conv_down widens to out_chs (else keeps the input width)
     act: str = "leaky_relu"
+    norm: str = "batchnorm"       # "groupnorm": per-sample normalisation (batch-split invariant)
     zero_init_last: bool = True   # last BN gamma of every block = 0: blocks start as identity
     note: str = ""                # one-line description of the table entry
 
     def __post_init__(self):
+        for name in ("depth", "out_chs"):  # lists (e.g. from YAML) become tuples: hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         n = len(self.depth)
         if n == 0 or len(self.out_chs) != n:
             raise CspxError(f"model config: depth {self.depth} and out_chs {self.out_chs} "
@@ -62,9 +65,10 @@ class CspConfig:
             v = getattr(self, name)
             v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
             if not v or len(v) > n:
-                raise CspxError(f"model config: {name} {v} has more values than the {n} stages")
+                raise CspxError(f"model config: {name} {v} needs 1 to {n} values (one per stage)")
             object.__setattr__(self, name, v + (v[-1],) * (n - len(v)))
-        for name, allowed in (("block", ("bottle", "dark")), ("act", tuple(ACTIVATIONS))):
+        for name, allowed in (("block", ("bottle", "dark")), ("act", tuple(ACTIVATIONS)),
+                              ("norm", ("batchnorm", "groupnorm"))):
             if getattr(self, name) not in allowed:
                 raise CspxError(f"model config: {name} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
@@ -77,11 +81,13 @@ MODELS: Dict[str, CspConfig] = {
         depth=(3, 3, 5, 2), out_chs=(256, 512, 1024, 2048), stride=(1, 2), groups=32,
         expand_ratio=1.0, bottle_ratio=1.0, block_ratio=0.5, cross_linear=True,
         note="CSPResNeXt-50 (timm cspresnext50)"),
+    # 21.62M params, 3.46 GMACs at 224 px.
     "cspresnet50": CspConfig(
         stem_chs=64, stem_kernel=7, stem_stride=2, stem_pool=True,
         depth=(3, 3, 5, 2), out_chs=(128, 256, 512, 1024), stride=(1, 2),
         expand_ratio=2.0, bottle_ratio=0.5, block_ratio=1.0, cross_linear=True,
         note="CSPResNet-50 (timm cspresnet50)"),
+    # 27.64M params, 5.00 GMACs at 224 px (full-resolution stem: no stride before stage 0).
     "cspdarknet53": CspConfig(
         stem_chs=32, stem_kernel=3, stem_stride=1, stem_pool=False,
         depth=(1, 2, 8, 8, 4), out_chs=(64, 128, 256, 512, 1024), stride=2,
@@ -97,6 +103,14 @@ MODELS: Dict[str, CspConfig] = {
         depth=(1, 1, 2, 1), out_chs=(32, 64, 128, 256), stride=(1, 2), groups=8,
         expand_ratio=1.0, bottle_ratio=1.0, block_ratio=0.5, cross_linear=True,
         note="narrow, shallow cspresnext50 for tests and the CPU demo (not a timm model)"),
+    # cspresnext_tiny with GroupNorm(8) in place of BatchNorm: no statistics shared across the
+    # samples of a batch, so 2 ranks x 4 images, 4 micro-batches x 2 and 1 x 8 compute the same
+    # step (up to summation order). Used to test distributed training and accumulation.
+    "cspresnext_tiny_gn": CspConfig(
+        stem_chs=16, stem_kernel=7, stem_stride=2, stem_pool=True,
+        depth=(1, 1, 2, 1), out_chs=(32, 64, 128, 256), stride=(1, 2), groups=8,
+        expand_ratio=1.0, bottle_ratio=1.0, block_ratio=0.5, cross_linear=True, norm="groupnorm",
+        note="cspresnext_tiny with GroupNorm: batch-split invariant (not a timm model)"),
 }
 
 
@@ -285,5 +299,6 @@ def create_model(name: str, num_classes: int = 1000, drop_path_rate: float = 0.0
     if overrides:
         values = {f.name: getattr(cfg, f.name) for f in fields(CspConfig)}
         cfg = CspConfig(**{**values, **overrides})
-    return CspNet(cfg, num_classes=num_classes, drop_path_rate=drop_path_rate, name=name,
-                  **model_args)
+    model = CspNet(cfg, num_classes=num_classes, drop_path_rate=drop_path_rate, name=name,
+                   **model_args)
+    return convert_groupnorm(model) if cfg.norm == "groupnorm" else model

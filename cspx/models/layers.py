@@ -1,6 +1,7 @@
 """Building blocks shared by the CSP models, named and ordered as timm's so state_dicts match."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -40,6 +41,30 @@ class SyncBatchNormAct2d(nn.SyncBatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
+
+
+class GroupNormAct2d(nn.GroupNorm):
+    """GroupNorm + the drop/act children of the BatchNormAct2d it replaces. It normalises each
+    sample on its own, so results do not depend on how a batch is split (accumulation, ranks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def convert_groupnorm(module: nn.Module, max_groups: int = 8) -> nn.Module:
+    """Replace every BatchNormAct2d by a GroupNormAct2d with gcd(channels, max_groups) groups,
+    keeping its affine parameters (so zero-initialised last gammas stay zero) and its act."""
+    if isinstance(module, BatchNormAct2d):
+        out = GroupNormAct2d(math.gcd(module.num_features, max_groups), module.num_features,
+                             module.eps)
+        with torch.no_grad():
+            out.weight.copy_(module.weight)
+            out.bias.copy_(module.bias)
+        out.drop, out.act = module.drop, module.act
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, convert_groupnorm(child, max_groups))
+    return module
 
 
 class ConvNormAct(nn.Module):

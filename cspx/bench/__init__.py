@@ -1,0 +1,1 @@
+"""Benchmarks behind scripts/benchmark.py. Each mode returns rows (dicts) for a table and JSON."""
