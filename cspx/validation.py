@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from argparse import Namespace
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from tqdm import tqdm
@@ -25,19 +25,21 @@ log = logging.getLogger("cspx")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _model_for(args: Namespace, num_data_classes: int) -> torch.nn.Module:
+def _model_for(args: Namespace, num_data_classes: int) -> Tuple[torch.nn.Module, str]:
     """The architecture named by --model, else by a cspx checkpoint, else cspresnext50; the class
     count from the checkpoint's classifier."""
-    state, info = load_weights(args.checkpoint, prefer_ema=args.ema)
+    loaded = load_weights(args.checkpoint, prefer_ema=args.ema)
+    state, info = loaded
+    if args.ema and not info["ema"]:
+        raise CspxError(f"{args.checkpoint}: --ema given but the checkpoint holds no EMA weights")
     name = args.model or info.get("model_name") or "cspresnext50"
-    fc = state.get("head.fc.weight")
-    num_classes = int(fc.shape[0]) if fc is not None else 1000
+    num_classes = info.get("num_classes") or 1000
     if num_classes < num_data_classes:
         raise CspxError(f"{args.checkpoint}: has {num_classes} classes but the data has "
                         f"{num_data_classes}; pass --classes to map folders to its label indices")
     model = create_model(name, num_classes=num_classes)
-    load_into(model, args.checkpoint, prefer_ema=args.ema)
-    return model
+    load_into(model, args.checkpoint, prefer_ema=args.ema, loaded=loaded)
+    return model, name
 
 
 def run(args: Namespace) -> Dict[str, Any]:
@@ -57,7 +59,7 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     if args.limit:
         index = index.subset(args.limit)
     kind = resolve_loader(args.loader, env.device)
-    model = _model_for(args, index.num_classes)
+    model, model_name = _model_for(args, index.num_classes)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=fmt).eval()
     loader = build_eval_loader(kind, index, args.img_size, args.crop_pct, args.interpolation,
@@ -75,7 +77,7 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     result = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "count": r["count"],
               "images_per_sec": r["count"] / max(r["seconds"], 1e-9), "failed": r["failed"],
               "excluded": len(index.excluded),
-              "settings": {"checkpoint": os.path.abspath(args.checkpoint), "model": args.model,
+              "settings": {"checkpoint": os.path.abspath(args.checkpoint), "model": model_name,
                            "data_dir": os.path.abspath(split_dir), "img_size": args.img_size,
                            "crop_pct": args.crop_pct, "interpolation": args.interpolation,
                            "batch_size": args.batch_size, "workers": args.workers,

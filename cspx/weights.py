@@ -171,14 +171,16 @@ def _listing(keys: List[str]) -> str:
 
 
 def load_into(model: nn.Module, path: str, prefer_ema: bool = False, strict: bool = True,
-              drop_classifier_if_mismatch: bool = False) -> LoadInfo:
+              drop_classifier_if_mismatch: bool = False,
+              loaded: Optional[Tuple[Dict[str, torch.Tensor], LoadInfo]] = None) -> LoadInfo:
     """Load the weights in `path` into `model` (see load_weights for accepted files).
 
     strict: missing or unexpected keys are an error (shape mismatches always are).
     drop_classifier_if_mismatch: for fine-tuning with another class count, skip the checkpoint's
     `head.fc.*` when its shape differs from the model's and keep the model's own classifier.
+    loaded: the result of load_weights(path, ...) when the caller has read the file already.
     """
-    state, info = load_weights(path, prefer_ema)
+    state, info = loaded if loaded is not None else load_weights(path, prefer_ema)
     target = _unwrap(model)
     own = target.state_dict()
     name = getattr(target, "model_name", "") or type(target).__name__

@@ -32,7 +32,7 @@ CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pytest -m gpu)")
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-GREY_LEVEL = 1.0 / (255 * max(IMAGENET_STD))  # one uint8 step in normalized units, ~0.0171
+GREY_LEVEL = 1.0 / (255 * max(IMAGENET_STD))  # smallest uint8 step, normalized: ~0.0171
 
 
 def threads() -> int:

@@ -80,7 +80,8 @@ def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float, what: str) -
 
 # ---- registry ----------------------------------------------------------------------------------
 def test_list_models_and_unknown_name():
-    assert list_models() == ["cspdarknet53", "cspresnet50", "cspresnext50", "cspresnext_tiny"]
+    assert list_models() == ["cspdarknet53", "cspresnet50", "cspresnext50", "cspresnext_tiny",
+                             "cspresnext_tiny_gn"]
     assert model_config("cspresnext50").groups == (32, 32, 32, 32)
     assert model_config("cspresnext50").stride == (1, 2, 2, 2)  # short tuples pad with the last
     with pytest.raises(CspxError, match=r"'resnet50'.*available: .*cspresnext50"):
@@ -89,6 +90,26 @@ def test_list_models_and_unknown_name():
         create_model("cspresnext_tiny", widht=2)
     with pytest.raises(CspxError, match="act must be one of"):
         create_model("cspresnext_tiny", act="gelu")
+    with pytest.raises(CspxError, match="norm must be one of"):
+        create_model("cspresnext_tiny", norm="layernorm")
+
+
+def test_groupnorm_variant_is_batch_split_invariant():
+    """cspresnext_tiny_gn: same layout as cspresnext_tiny, GroupNorm in place of every BN, so a
+    training-mode forward of 8 images equals two forwards of 4 (BN's would differ by ~1e-1)."""
+    from cspx.models.layers import GroupNormAct2d
+    torch.manual_seed(0)
+    gn, bn = create_model("cspresnext_tiny_gn", num_classes=10), create_model("cspresnext_tiny", num_classes=10)
+    assert list(gn.state_dict().keys()) == [k for k in bn.state_dict() if "running" not in k
+                                            and "num_batches" not in k]
+    norms = [m for m in gn.modules() if isinstance(m, GroupNormAct2d)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    assert any(float(m.weight.abs().sum()) == 0 for m in norms)  # zero-init last gammas kept
+    for p in gn.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(8, 3, 32, 32)
+    gn.train()
+    torch.testing.assert_close(gn(x), torch.cat([gn(x[:4]), gn(x[4:])]), rtol=0, atol=1e-6)
 
 
 # ---- structure ---------------------------------------------------------------------------------

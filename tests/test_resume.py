@@ -110,9 +110,9 @@ def tb_steps(run_dir, tag="train/loss"):
     return [e.step for e in acc.Scalars(tag)]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, tmp_path, workers):
-    extra = (f"data.workers={workers}",)
+@pytest.mark.parametrize("loader, workers", [("torch", 0), ("torch", 2), ("dali", 2)])
+def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, tmp_path, loader, workers):
+    extra = (f"data.workers={workers}",) + ((f"data.loader={loader}",) if loader != "torch" else ())
     ref = reference(*extra)
     run_dir = str(tmp_path / "run")
     rng = random.Random()
