@@ -40,7 +40,8 @@ def describe_plan(cfg: Config, model: nn.Module, train: DatasetIndex, val: Datas
         f"accumulation x {micro} per forward pass; precision {t.precision}",
         f"  steps         {t.steps:,} optimizer steps = {images / len(train):,.2f} epochs, "
         f"{images:,} images seen",
-        "  learning rate " + "; ".join(f"{n} (step {s:,}): {lr:.6g}" for n, s, lr in lr_points(cfg)),
+        *[f"  {'learning rate' if i == 0 else '':<13} step {s:>11,}  {lr:<12.6g} {n}"
+          for i, (n, s, lr) in enumerate(lr_points(cfg))],
         f"  eval          every {cfg.eval.every_steps or 'end-only'} steps at {cfg.eval.img_size} px, "
         f"crop {cfg.eval.crop_pct}",
         f"  checkpoints   every {cfg.checkpoint.every_steps or 'end-only'} steps, keep {cfg.checkpoint.keep_last}, "

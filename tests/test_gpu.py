@@ -1,0 +1,72 @@
+"""CUDA paths (run by scripts/gpu_check.sh with `pytest -m gpu`; skipped without a GPU)."""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from conftest import run_py
+
+pytestmark = pytest.mark.gpu
+
+
+def make(recipe_over, loader=None, steps=4):
+    from cspx.bench.steps import make_trainer
+    from cspx.config import load_config
+    from cspx.data.fixed import FixedBatchLoader
+    cfg = load_config("recipes/cspresnext50_ra.yaml",
+                      ["run.device=cuda", f"train.steps={steps}", "sched.burn_in=1",
+                       "train.batch_size=32", "eval.every_steps=0", "run.tensorboard=false",
+                       *recipe_over], check_paths=False)
+    dev = torch.device("cuda", 0)
+    loader = loader or FixedBatchLoader.random(32, 224, 1000, dev, cfg.model.channels_last)
+    return make_trainer(cfg, dev, loader, tempfile.mkdtemp()), cfg
+
+
+def test_no_host_sync_inside_training_steps():
+    """Between log intervals a step never waits for the GPU: CUDA's sync debug mode turns any
+    synchronising call (.item(), .cpu(), nonzero, ...) into an error."""
+    t, _ = make(["train.precision=bf16", "run.log_every_steps=1000", "ema.enabled=true"])
+    t.train_step()                      # first step: allocations, cudnn autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            t.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_fp16_gradscaler_step_and_state():
+    t, _ = make(["train.precision=fp16"])
+    for _ in range(3):
+        t.train_step()
+    state = t.state_dict()
+    assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_compile_channels_last_checkpoint_has_plain_keys():
+    t, _ = make(["train.precision=bf16", "model.compile=true", "model.channels_last=true"])
+    for _ in range(2):
+        t.train_step()
+    keys = list(t.state_dict()["model"])
+    assert keys[0] == "stem.conv1.conv.weight" and not any("_orig_mod" in k or "module." in k for k in keys)
+    w = t.model.stem.conv1.conv.weight
+    assert w.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_auto_precision_is_bf16_or_fp16_on_gpu():
+    from cspx.run import resolve_precision
+    p = resolve_precision("auto", torch.device("cuda", 0))
+    assert p == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+def test_demo_trains_on_gpu_with_dali(demo_data, tmp_path):
+    r = run_py(["train.py", "--recipe", "recipes/demo.yaml", f"run.dir={tmp_path}", f"data.root={demo_data}",
+                "run.device=cuda", "data.loader=dali", "train.precision=auto", "train.steps=60",
+                "sched.burn_in=5", "eval.every_steps=60", "model.channels_last=true"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dali loader" in r.stderr and "cuda" in r.stderr
