@@ -164,7 +164,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 5000            # 0: only at the end and on preemption
-    keep_last: int = 3                 # step_*.pt files kept, besides best.pt
+    keep_last: int = 3                 # step_*.pt files kept, besides best.pt and last.pt
     async_save: bool = True            # write in a background thread after a snapshot
 
     def __post_init__(self):
@@ -206,18 +206,20 @@ def training_diff(old: dict, new: dict) -> list:
 def load_config(path: str, overrides: Sequence[str] = (), check_paths: bool = True) -> Config:
     cfg = configio.load(Config, path, overrides)
     if check_paths:
-        _check_paths(cfg, "command line" if overrides else path)
+        overridden = set(configio.flatten(configio.parse_overrides(overrides)))
+        _check_paths(cfg, lambda key: "command line" if key in overridden else path)
     return cfg
 
 
-def _check_paths(cfg: Config, source: str) -> None:
+def _check_paths(cfg: Config, source) -> None:
+    """Paths must exist; `source(key)` names where the key was set (file or command line)."""
     d = cfg.data
     if not d.synthetic and not os.path.isdir(os.path.expanduser(d.root)):
-        raise CspxError(f"{source}: data.root: folder {d.root!r} does not exist")
+        raise CspxError(f"{source('data.root')}: data.root: folder {d.root!r} does not exist")
     for key, p in (("data.classes", d.classes), ("data.exclude", d.exclude),
                    ("model.init_from", cfg.model.init_from)):
         if p is not None and not os.path.isfile(os.path.expanduser(p)):
-            raise CspxError(f"{source}: {key}: file {p!r} does not exist")
+            raise CspxError(f"{source(key)}: {key}: file {p!r} does not exist")
 
 
 def micro_batch(cfg: Config, world_size: int) -> int:

@@ -137,3 +137,22 @@ def test_out_of_memory_is_one_clear_message(demo_data, tmp_path, monkeypatch, ca
     assert code == 2
     assert err.startswith("error: out of memory on cpu with micro-batch 16;")
     assert "train.accum_steps=2" in err
+
+
+def test_init_from_drops_a_mismatched_classifier(demo_data, tmp_path):
+    """Fine-tuning: timm-format weights with 1000 classes start a 10-class run; the backbone is
+    taken, the classifier is dropped and the log says so."""
+    from cspx.models import create_model
+    torch.manual_seed(5)
+    src = create_model("cspresnext_tiny", num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "w1000.pth")
+    r = run_py(args(tmp_path / "run", demo_data, *SMALL, f"model.init_from={tmp_path / 'w1000.pth'}",
+                    "train.steps=3", "optim.lr=1.0e-9", "sched.burn_in=0", "eval.every_steps=0",
+                    "ema.enabled=false", "run.tensorboard=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped classifier: checkpoint has 1000 classes, model has 10" in r.stderr
+    got = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]
+    assert got["head.fc.weight"].shape == (10, 256)
+    # with a vanishing LR the backbone is still the source's (BN statistics aside)
+    w = "stages.2.blocks.1.conv2.conv.weight"
+    torch.testing.assert_close(got[w], src.state_dict()[w], rtol=0, atol=1e-6)
