@@ -72,6 +72,9 @@ class AugConfig:
     hflip: float = 0.5
     randaugment_ops: int = 0                     # 0 disables RandAugment
     randaugment_magnitude: float = 7.0           # timm's 0-10 scale
+    # sampling of RandAugment's shear/rotate/translate: nearest is torchvision's default and
+    # about 7x cheaper in DALI's CPU warps than bilinear
+    randaugment_interpolation: Literal["nearest", "bilinear"] = "nearest"
     hue: float = 0.0        # darknet: shift hue by U(-hue, hue) of the colour circle
     saturation: float = 1.0  # darknet: scale saturation by s or 1/s, s ~ U(1, saturation)
     exposure: float = 1.0    # darknet: scale brightness the same way

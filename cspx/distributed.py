@@ -107,15 +107,6 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True on every rank if `flag` is true on any rank (a blocking CPU collective)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
-    return bool(t[0])
-
-
 class StopVote:
     """Agree on stopping at a step boundary without stalling every step on it.
 

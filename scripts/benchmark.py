@@ -45,6 +45,8 @@ def parse(argv):
                                     "checkpoint"])
     p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml"),
                    help="augmentations, optimizer and loss come from here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, e.g. --set aug.randaugment_ops=0 (repeatable)")
     p.add_argument("--model", default="cspresnext50")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
@@ -106,7 +108,8 @@ def main(argv):
     print("benchmark " + args.mode + "\n" + format_provenance(prov), file=sys.stderr)
     rows, extra = fn(args)
     summary = {k: v for k, v in extra.items() if k != "raw"}
-    title = (f"{args.mode}: {args.model} batch {args.batch} at {args.img_size} px on "
+    batch = "" if args.mode == "model" else f" batch {args.batch}"
+    title = (f"{args.mode}: {args.model}{batch} at {args.img_size} px on "
              f"{prov['device']}, torch {torch.__version__}")
     if args.json:
         common.write_json(args.json, {"mode": args.mode, "args": {k: v for k, v in vars(args).items()},

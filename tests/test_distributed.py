@@ -129,13 +129,19 @@ def test_resume_two_ranks_after_kill9(demo_data, tmp_path):
         assert_same_tensors(a["ranks"][r], b["ranks"][r], f"ranks[{r}]")
 
 
-def test_sigterm_to_one_rank_saves_once_and_all_exit(demo_data, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _start(recipe(run_dir, demo_data, "train.steps=2000", "eval.every_steps=0",
+def _long_run(data, run_dir):
+    """A 2-rank run that has saved its first checkpoint; returns torchrun and (rank, pid)s."""
+    proc = _start(recipe(run_dir, data, "train.steps=2000", "eval.every_steps=0",
                          "checkpoint.every_steps=3"))
     _wait_checkpoint(run_dir, proc, 3)
     pids = _worker_pids(proc.pid)
     assert [r for r, _ in pids] == [0, 1], pids
+    return proc, pids
+
+
+def test_sigterm_to_one_rank_saves_once_and_all_exit(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc, pids = _long_run(demo_data, run_dir)
     os.kill(pids[1][1], signal.SIGTERM)   # only rank 1 hears it
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-3000:]
@@ -145,11 +151,7 @@ def test_sigterm_to_one_rank_saves_once_and_all_exit(demo_data, tmp_path):
 
 
 def test_a_dying_rank_brings_the_job_down(demo_data, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _start(recipe(run_dir, demo_data, "train.steps=2000", "eval.every_steps=0",
-                         "checkpoint.every_steps=3"))
-    _wait_checkpoint(run_dir, proc, 3)
-    pids = _worker_pids(proc.pid)
+    proc, pids = _long_run(demo_data, tmp_path / "run")
     os.kill(pids[1][1], signal.SIGKILL)
     t = time.time()
     out = proc.communicate(timeout=180)[0]

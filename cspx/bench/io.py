@@ -19,13 +19,24 @@ from cspx.evaluate import evaluate
 from cspx.models import create_model
 
 
-def _loader_runner(loader, batches: int, batch: int, device: torch.device):
+def _fresh_loader_runner(make, warmup: int, batches: int, batch: int, device: torch.device):
+    """img/s of a loader built for this round alone: `warmup` batches fill its prefetch queues,
+    then `batches` are timed, then it is closed. A loader kept alive between rounds would keep
+    decoding in the background, competing with the other loader and banking batches for its
+    next round."""
     def run() -> float:
-        t = time.perf_counter()
-        for _ in range(batches):
-            x, _ = next(loader)
-        sync(device)
-        return batches * batch / (time.perf_counter() - t)
+        loader = make()
+        try:
+            for _ in range(warmup):
+                next(loader)
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(batches):
+                next(loader)
+            sync(device)
+            return batches * batch / (time.perf_counter() - t)
+        finally:
+            loader.close()
     return run
 
 
@@ -35,19 +46,17 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
     device = device_of(args)
     index = build_index(args.data, warn=False)
     env = DistEnv(device=device)
-    runs, loaders = {}, []
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.loaders:
+            kind = resolve_loader(kind, device)
             cfg = bench_config(args, f"data.loader={kind}")
-            ld = build_train_loader(resolve_loader(kind, device), cfg, index, env, args.batch,
-                                    "fp32", tmp)
-            loaders.append(ld)
-            runs[f"{ld.kind} loader"] = _loader_runner(ld, args.steps, args.batch, device)
-        for fn in runs.values():
-            fn()  # warm-up: worker start, pipeline build, first epoch's file cache
+            make = (lambda kind=kind, cfg=cfg:
+                    build_train_loader(kind, cfg, index, env, args.batch, "fp32", tmp))
+            # warm-up covers the deepest prefetch queue: 4 batches per DataLoader worker
+            runs[f"{kind} loader"] = _fresh_loader_runner(make, 4 * max(1, args.workers) + 2,
+                                                          args.steps, args.batch, device)
         res = alternate(runs, args.rounds)
-        for ld in loaders:
-            ld.close()
     rows = [{"loader": k, "img/s (median)": median(v), "rounds": len(v)} for k, v in res.items()]
     extra = {"images": len(index), "raw": res}
     if "dali loader" in res and "torch loader" in res:

@@ -36,7 +36,7 @@ def bench_config(args: Namespace, *extra: str) -> Config:
     over = [f"model.name={args.model}", f"train.batch_size={args.batch}",
             f"aug.img_size={args.img_size}", f"train.precision={args.precision}",
             f"model.channels_last={str(args.channels_last).lower()}",
-            f"data.workers={args.workers}", *QUIET, *extra]
+            f"data.workers={args.workers}", *QUIET, *args.set, *extra]
     return load_config(args.recipe, over, check_paths=False)
 
 
@@ -114,7 +114,8 @@ def _baseline_loader(folder: str, cfg: Config, device: torch.device):
     tf = [T.RandomResizedCrop(a.img_size, scale=a.scale, ratio=a.ratio,
                               interpolation=INTERP[a.interpolation]), T.RandomHorizontalFlip(a.hflip)]
     if a.randaugment_ops:
-        tf.append(T.RandAugment(a.randaugment_ops, ra_magnitude_bin(a.randaugment_magnitude), RA_BINS))
+        tf.append(T.RandAugment(a.randaugment_ops, ra_magnitude_bin(a.randaugment_magnitude), RA_BINS,
+                                INTERP[a.randaugment_interpolation]))
     tf += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     w = cfg.data.workers
     dl = DataLoader(ImageFolder(folder, T.Compose(tf)), batch_size=cfg.train.batch_size, shuffle=True,

@@ -140,6 +140,7 @@ class DaliTrainLoader:
             ratio=list(aug.ratio), interpolation=aug.interpolation, hflip=aug.hflip,
             rotate=aug.rotate, hue=aug.hue, saturation=aug.saturation, exposure=aug.exposure,
             ra_ops=aug.randaugment_ops, ra_magnitude=aug.randaugment_magnitude,
+            ra_interpolation=aug.randaugment_interpolation,
             dtype_name=DTYPES[dtype], channels_last=channels_last)
         self.aug_seed = sample_seed(seed, -2, rank) & 0x7FFFFFFF  # augmentation differs by rank
         # what a checkpoint depends on: the listed files (the file list's name hashes them), the

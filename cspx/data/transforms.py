@@ -103,7 +103,8 @@ class TrainTransform:
                                        interpolation=interp)
         self.ra = (T.RandAugment(num_ops=aug.randaugment_ops,
                                  magnitude=ra_magnitude_bin(aug.randaugment_magnitude),
-                                 num_magnitude_bins=RA_BINS, interpolation=interp)
+                                 num_magnitude_bins=RA_BINS,
+                                 interpolation=INTERP[aug.randaugment_interpolation])
                    if aug.randaugment_ops > 0 else None)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
