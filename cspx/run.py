@@ -140,14 +140,18 @@ def _train(cfg: Config, env: distributed.DistEnv, resume, force, dry_run, verbos
         return 0
     cfg_dict = configio.to_dict(cfg)
     fp = fingerprint(train_index)
-    if env.is_main:
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, env.is_main)
+    state = _find_resume(resume, ckpt, env)
+    if state is None and ckpt.step_files():  # never start over on top of another run
+        newest = max(ckpt.step_files())[0]
+        raise CspxError(f"run.dir: {run_dir} already holds checkpoints (newest: step {newest}); "
+                        f"pass --resume auto to continue that run, or set run.dir to a new folder")
+    same_world = _check_compat(state, cfg_dict, fp, env.world, force) if state else True
+    if env.is_main:  # after the checks, so a refused start leaves the old run's files alone
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(configio.dump_yaml(cfg))
         with open(os.path.join(run_dir, "provenance.json"), "w") as f:
             json.dump(prov, f, indent=2)
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, env.is_main)
-    state = _find_resume(resume, ckpt, env)
-    same_world = _check_compat(state, cfg_dict, fp, env.world, force) if state else True
 
     if state is None and cfg.model.init_from:
         info = load_into(model, cfg.model.init_from, drop_classifier_if_mismatch=True)
@@ -163,7 +167,8 @@ def _train(cfg: Config, env: distributed.DistEnv, resume, force, dry_run, verbos
     e = cfg.eval
     eval_loader = build_eval_loader(kind, val_index, e.img_size, e.crop_pct, e.interpolation,
                                     e.batch_size, env, cfg.data.workers, cfg.model.channels_last)
-    step = state["progress"]["step"] if state else None
+    # a fresh start drops the events of an earlier attempt that died before its first checkpoint
+    step = state["progress"]["step"] if state else 0
     metrics = MetricsLog(run_dir, step, cfg.run.tensorboard, env.is_main)
     extra = {"config": cfg_dict, "config_hash": configio.config_hash(cfg), "data_fingerprint": fp,
              "model_name": cfg.model.name, "num_classes": num_classes, "classes": train_index.classes,
@@ -196,11 +201,13 @@ def _train(cfg: Config, env: distributed.DistEnv, resume, force, dry_run, verbos
 
 def _print_validate_hint(cfg: Config, run_dir: str, trainer: Trainer) -> None:
     p = trainer.progress
-    classes = cfg.data.classes or (os.path.join(cfg.data.root, "synsets.txt") if cfg.data.synthetic else None)
+    root = os.path.expanduser(cfg.data.root)
+    classes = cfg.data.classes or (os.path.join(root, "synsets.txt") if cfg.data.synthetic else None)
     e = cfg.eval
-    cmd = (f"python validate.py --checkpoint {os.path.join(run_dir, 'checkpoints', 'last.pt')} "
-           f"--data-dir {os.path.join(os.path.expanduser(cfg.data.root), 'val')}"
-           + (f" --classes {classes}" if classes else "")
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"
+    cmd = (f"{python} validate.py --checkpoint {os.path.join(run_dir, 'checkpoints', 'last.pt')} "
+           f"--data-dir {os.path.join(root, 'val')}"
+           + (f" --classes {os.path.expanduser(classes)}" if classes else "")
            + (f" --img-size {e.img_size}" if e.img_size != 224 else "")
            + (f" --crop-pct {e.crop_pct}" if e.crop_pct != 0.875 else ""))
     log.info(f"done: {p.step} steps, best top-1 {p.best_top1:.2f}% at step {p.best_step}.\n"

@@ -185,3 +185,20 @@ def test_recipe_mismatch_is_refused_unless_forced(demo_data, reference, tmp_path
                        "--resume", "auto", "--resume-force"])
     assert r.returncode == 0, r.stderr
     assert load(f"{run_dir}/checkpoints/last.pt")["progress"]["step"] == 30
+
+
+def test_fresh_start_never_overwrites_a_run(demo_data, reference, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference("data.workers=0"), run_dir)
+    before = {p: os.path.getmtime(run_dir / p) for p in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt")}
+    r = run_py(recipe_args(run_dir, demo_data, "data.workers=0"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: run.dir: {run_dir} already holds checkpoints (newest: step 24); pass --resume "
+        f"auto to continue that run, or set run.dir to a new folder")
+    assert before == {p: os.path.getmtime(run_dir / p) for p in before}
+    # resuming a finished run is a no-op that reports the result again
+    r = run_py(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
+    assert r.returncode == 0 and "done: 24 steps" in r.stderr, r.stderr[-2000:]
+    assert [m["step"] for m in metrics(run_dir)] == list(range(2, 25, 2))
