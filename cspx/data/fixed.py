@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from cspx.data.torch_loader import CountedPosition
 
-class FixedBatchLoader:
+
+class FixedBatchLoader(CountedPosition):
     kind = "fixed"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batches_per_epoch: int = 1000):
@@ -26,16 +28,6 @@ class FixedBatchLoader:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
         return cls(x, y)
-
-    @property
-    def epoch(self) -> float:
-        return self.consumed / self.batches_per_epoch
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["consumed"])
 
     def __iter__(self):
         return self

@@ -146,7 +146,28 @@ class DeviceFeeder:
         return x, y
 
 
-class TorchTrainLoader:
+class CountedPosition:
+    """A training loader whose whole position is the number of micro-batches handed out
+    (`consumed`); subclasses set `kind` and `batches_per_epoch`."""
+
+    kind = ""
+    consumed = 0
+    batches_per_epoch = 1
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"loader state is for {state.get('kind')!r}, not {self.kind!r}")
+        self.consumed = int(state["consumed"])
+
+
+class TorchTrainLoader(CountedPosition):
     """Infinite iterator of (images float NCHW on device, labels int64 on device)."""
 
     kind = "torch"
@@ -163,19 +184,10 @@ class TorchTrainLoader:
         self._it: Optional[Iterator] = None
         self._next = None
 
-    @property
-    def epoch(self) -> float:
-        return self.consumed / self.batches_per_epoch
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "consumed": self.consumed}
-
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != self.kind:
-            raise ValueError(f"loader state is for {state.get('kind')!r}, not {self.kind!r}")
         if self._it is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
-        self.consumed = int(state["consumed"])
+        super().load_state_dict(state)
 
     def _fetch(self):
         x, y, replaced = next(self._it)
