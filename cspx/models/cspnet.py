@@ -18,7 +18,7 @@ BatchNormAct2d), which is why the activation modules live at `<conv>.bn.act`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Dict, List, Tuple, Union
 
 import torch
@@ -106,12 +106,10 @@ MODELS: Dict[str, CspConfig] = {
     # cspresnext_tiny with GroupNorm(8) in place of BatchNorm: no statistics shared across the
     # samples of a batch, so 2 ranks x 4 images, 4 micro-batches x 2 and 1 x 8 compute the same
     # step (up to summation order). Used to test distributed training and accumulation.
-    "cspresnext_tiny_gn": CspConfig(
-        stem_chs=16, stem_kernel=7, stem_stride=2, stem_pool=True,
-        depth=(1, 1, 2, 1), out_chs=(32, 64, 128, 256), stride=(1, 2), groups=8,
-        expand_ratio=1.0, bottle_ratio=1.0, block_ratio=0.5, cross_linear=True, norm="groupnorm",
-        note="cspresnext_tiny with GroupNorm: batch-split invariant (not a timm model)"),
 }
+MODELS["cspresnext_tiny_gn"] = replace(
+    MODELS["cspresnext_tiny"], norm="groupnorm",
+    note="cspresnext_tiny with GroupNorm: batch-split invariant (not a timm model)")
 
 
 class BottleneckBlock(nn.Module):
