@@ -8,6 +8,7 @@
   validate    evaluation img/s per loader
   overhead    the trainer's step time vs a bare loop on the same model, batch and tensors
   checkpoint  saving model + SGD momentum + EMA: cspx's atomic writer vs a bare torch.save
+  augment     each RandAugment op's CPU cost per image, DALI vs torchvision on PIL (--batch images)
 
 Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
@@ -42,7 +43,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "validate", "overhead",
-                                    "checkpoint"])
+                                    "checkpoint", "augment"])
     p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml"),
                    help="augmentations, optimizer and loss come from here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -96,13 +97,13 @@ def _data(args):
 def main(argv):
     args = parse(argv)
     import torch
-    from cspx.bench import common, io, steps
+    from cspx.bench import augment, common, io, steps
     from cspx.runlog import provenance, format_provenance
-    if args.mode in ("loader", "train", "baseline", "validate"):
+    if args.mode in ("loader", "train", "baseline", "validate", "augment"):
         args.data = _data(args)
     fn = {"model": steps.model, "overhead": steps.overhead, "train": steps.train,
           "baseline": steps.train, "loader": io.loader, "validate": io.validate,
-          "checkpoint": io.checkpoint}[args.mode]
+          "checkpoint": io.checkpoint, "augment": augment.augment}[args.mode]
     dev = steps.device_of(args)
     prov = provenance(dev)
     print("benchmark " + args.mode + "\n" + format_provenance(prov), file=sys.stderr)

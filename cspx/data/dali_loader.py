@@ -42,6 +42,9 @@ from cspx.data.transforms import eval_resize_size, sample_seed
 from cspx.errors import CspxError
 
 DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+# Version of dali_pipelines.train_pipeline's graph, part of a loader's checkpoint signature: DALI
+# state saved by a graph with other operators does not resume this one. Raise it on such changes.
+GRAPH_VERSION = 2
 
 
 def dali_available(device: Optional[torch.device] = None) -> Tuple[bool, str]:
@@ -149,7 +152,7 @@ class DaliTrainLoader:
                  if k not in ("file_root", "file_list", "hw_decoder_load")}
         self.signature = hashlib.sha256(json.dumps(
             {**graph, "files": os.path.basename(self.params["file_list"]), "batch": micro_batch,
-             "seed": self.aug_seed}, sort_keys=True).encode()).hexdigest()
+             "seed": self.aug_seed, "graph_version": GRAPH_VERSION}, sort_keys=True).encode()).hexdigest()
         self.consumed = 0          # micro-batches handed to the training loop
         self.bad_files = 0         # always 0: DALI replaces nothing at run time (module doc)
         self._checkpoint: Optional[bytes] = None

@@ -1,0 +1,136 @@
+"""The `augment` benchmark: each RandAugment op's CPU cost per image in DALI (the ops cspx's DALI
+pipeline runs) and in torchvision on PIL (what the torch path's T.RandAugment runs), on the
+same images, one thread each. It explains the CPU loader ratio: an op's cost enters a loader's
+per-image cost with weight n / 14 (n ops drawn from 14 per image)."""
+from __future__ import annotations
+
+import os
+import time
+from argparse import Namespace
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from cspx.bench.common import alternate, median
+from cspx.data.index import build_index
+from cspx.data.transforms import INTERP, RA_BINS, ra_magnitude_bin
+from cspx.bench.steps import bench_config
+
+# DALI suite name -> torchvision op name (torchvision.transforms.RandAugment's op list)
+TV_NAMES = {"translate_x": "TranslateX", "translate_y": "TranslateY", "shear_x": "ShearX",
+            "shear_y": "ShearY", "rotate": "Rotate", "brightness": "Brightness",
+            "contrast": "Contrast", "color": "Color", "sharpness": "Sharpness",
+            "posterize": "Posterize", "solarize": "Solarize", "equalize": "Equalize",
+            "auto_contrast": "AutoContrast", "identity": "Identity"}
+
+
+def _images(args: Namespace, count: int) -> List[np.ndarray]:
+    """`count` of the benchmark's JPEGs, decoded by PIL and resized to img_size square (uint8 HWC):
+    the size RandAugment works at in both loaders."""
+    from PIL import Image
+    index = build_index(args.data, warn=False)
+    out = []
+    for rel in index.files[:count]:
+        with Image.open(os.path.join(index.root, rel)) as im:
+            im = im.convert("RGB").resize((args.img_size, args.img_size), Image.BILINEAR)
+            out.append(np.asarray(im).copy())
+    if len(out) < count:
+        out = (out * (count // len(out) + 1))[:count]
+    return out
+
+
+def _dali_runner(images, op, m: int, interp, size: int):
+    """Seconds per image of `op` (an auto_aug augmentation, or 'randaugment' for n=2 over the
+    suite) on one DALI CPU thread, minus the same pipeline without it."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe(apply):
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        if not apply:
+            return x
+        kw = dict(num_magnitude_bins=RA_BINS, shape=[size, size], fill_value=0, interp_type=interp)
+        if isinstance(op, list):
+            return rand_augment.apply_rand_augment(op, x, n=2, m=m, **kw)
+        # a random sign per image, as RandAugment draws it; each op takes the kwargs it names
+        return op(x, magnitude_bin=signed_bin(m, random_sign=fn.random.coin_flip(
+            dtype=types.INT32)), **kw)
+
+    pipes = []
+    for apply in (False, True):
+        p = pipe(apply, batch_size=len(images), num_threads=1, device_id=None, seed=1,
+                 prefetch_queue_depth=1)
+        p.build()
+        p.run()
+        pipes.append(p)
+
+    def run() -> float:
+        ts = []
+        for p in pipes:
+            t = time.perf_counter()
+            for _ in range(3):
+                p.run()
+            ts.append((time.perf_counter() - t) / 3)
+        return (ts[1] - ts[0]) / len(images)
+    return run
+
+
+def _torch_runner(pil_images, name: str, m: int, interp, size: int):
+    """Seconds per image of torchvision's op at bin m (random sign for signed ops), as
+    T.RandAugment applies it ('randaugment': T.RandAugment itself, 2 ops)."""
+    import torch
+    from torchvision import transforms as T
+    from torchvision.transforms import autoaugment as A
+    if name == "randaugment":
+        ra = T.RandAugment(num_ops=2, magnitude=m, num_magnitude_bins=RA_BINS,
+                           interpolation=interp, fill=[0, 0, 0])
+        apply = ra
+    else:
+        space = T.RandAugment(num_magnitude_bins=RA_BINS)._augmentation_space(
+            RA_BINS, (size, size))
+        mags, signed = space[name]
+        mag = float(mags[m]) if mags.ndim > 0 else 0.0
+
+        def apply(img):
+            sign = -1.0 if signed and torch.randint(2, (1,)).item() else 1.0
+            return A._apply_op(img, name, sign * mag, interpolation=interp, fill=[0, 0, 0])
+
+    def run() -> float:
+        t = time.perf_counter()
+        for img in pil_images:
+            apply(img)
+        return (time.perf_counter() - t) / len(pil_images)
+    return run
+
+
+def augment(args: Namespace) -> Tuple[List[Dict], Dict]:
+    from PIL import Image
+    from cspx.data.dali_pipelines import INTERP as DALI_INTERP, _rand_augment_suite
+    cfg = bench_config(args)
+    m = ra_magnitude_bin(cfg.aug.randaugment_magnitude)
+    mode = cfg.aug.randaugment_interpolation
+    images = _images(args, args.batch)
+    pil = [Image.fromarray(a) for a in images]
+    suite = _rand_augment_suite(m, on_gpu=False)
+    runs = {}
+    for op in suite + ["randaugment"]:
+        name = op if isinstance(op, str) else op.name
+        dali_op = suite if name == "randaugment" else op
+        tv = name if name == "randaugment" else TV_NAMES[name]
+        runs[f"{name}|dali"] = _dali_runner(images, dali_op, m, DALI_INTERP[mode], args.img_size)
+        runs[f"{name}|torchvision"] = _torch_runner(pil, tv, m, INTERP[mode], args.img_size)
+    res = alternate(runs, args.rounds)
+    rows = []
+    for key in runs:
+        name, lib = key.split("|")
+        if lib != "dali":
+            continue
+        d, t = median(res[key]) * 1e3, median(res[f"{name}|torchvision"]) * 1e3
+        # identity costs nothing in either: its difference is timing noise, and so is its ratio
+        rows.append({"op": name if name != "randaugment" else "RandAugment, 2 ops",
+                     "DALI ms/img": d, "torchvision ms/img": t,
+                     "DALI / torchvision": d / t if min(d, t) > 0.01 else "-"})
+    return rows, {"magnitude_bin": m, "interpolation": mode, "images": len(images),
+                  "raw": res}
