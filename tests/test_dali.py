@@ -285,7 +285,6 @@ def test_flip_and_crop_vary(env, one_image):
     assert len({x.numpy().tobytes() for x in xs}) == 32  # random-resized-crop differs per sample
 
 
-
 @pytest.mark.parametrize("magnitude", [7.0, 10.0])
 def test_rebuilt_randaugment_ops_match_dali_and_pil(index, magnitude):
     """cspx rebuilds four of DALI's RandAugment ops (solarize as a lookup table, contrast as one

@@ -104,7 +104,8 @@ def test_groupnorm_variant_is_batch_split_invariant():
                                             and "num_batches" not in k]
     norms = [m for m in gn.modules() if isinstance(m, GroupNormAct2d)]
     assert norms and all(m.num_groups == 8 for m in norms)
-    assert any(float(m.weight.detach().abs().sum()) == 0 for m in norms)  # zero-init last gammas kept
+    # zero-init last gammas kept
+    assert any(float(m.weight.detach().abs().sum()) == 0 for m in norms)
     for p in gn.parameters():
         p.data.normal_(0, 0.1)
     x = torch.randn(8, 3, 32, 32)

@@ -5,6 +5,7 @@ per-image cost with weight n / 14 (n ops drawn from 14 per image)."""
 from __future__ import annotations
 
 import os
+import random
 import time
 from argparse import Namespace
 from typing import Dict, List, Tuple
@@ -40,8 +41,8 @@ def _images(args: Namespace, count: int) -> List[np.ndarray]:
 
 
 def _dali_runner(images, op, m: int, interp, size: int):
-    """Seconds per image of `op` (an auto_aug augmentation, or 'randaugment' for n=2 over the
-    suite) on one DALI CPU thread, minus the same pipeline without it."""
+    """Seconds per image of `op` (an auto_aug augmentation, or a list of them: RandAugment with
+    n=2 over that suite) on one DALI CPU thread, minus the same pipeline without it."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
@@ -80,21 +81,17 @@ def _dali_runner(images, op, m: int, interp, size: int):
 def _torch_runner(pil_images, name: str, m: int, interp, size: int):
     """Seconds per image of torchvision's op at bin m (random sign for signed ops), as
     T.RandAugment applies it ('randaugment': T.RandAugment itself, 2 ops)."""
-    import torch
     from torchvision import transforms as T
     from torchvision.transforms import autoaugment as A
     if name == "randaugment":
-        ra = T.RandAugment(num_ops=2, magnitude=m, num_magnitude_bins=RA_BINS,
-                           interpolation=interp, fill=[0, 0, 0])
-        apply = ra
+        apply = T.RandAugment(num_ops=2, magnitude=m, num_magnitude_bins=RA_BINS,
+                              interpolation=interp, fill=[0, 0, 0])
     else:
-        space = T.RandAugment(num_magnitude_bins=RA_BINS)._augmentation_space(
-            RA_BINS, (size, size))
-        mags, signed = space[name]
+        mags, signed = T.RandAugment()._augmentation_space(RA_BINS, (size, size))[name]
         mag = float(mags[m]) if mags.ndim > 0 else 0.0
 
         def apply(img):
-            sign = -1.0 if signed and torch.randint(2, (1,)).item() else 1.0
+            sign = -1.0 if signed and random.random() < 0.5 else 1.0
             return A._apply_op(img, name, sign * mag, interpolation=interp, fill=[0, 0, 0])
 
     def run() -> float:
@@ -114,23 +111,20 @@ def augment(args: Namespace) -> Tuple[List[Dict], Dict]:
     images = _images(args, args.batch)
     pil = [Image.fromarray(a) for a in images]
     suite = _rand_augment_suite(m, on_gpu=False)
+    # (row name, DALI op or the whole suite, torchvision op name)
+    contenders = [(op.name, op, TV_NAMES[op.name]) for op in suite]
+    contenders.append(("RandAugment, 2 ops", suite, "randaugment"))
     runs = {}
-    for op in suite + ["randaugment"]:
-        name = op if isinstance(op, str) else op.name
-        dali_op = suite if name == "randaugment" else op
-        tv = name if name == "randaugment" else TV_NAMES[name]
-        runs[f"{name}|dali"] = _dali_runner(images, dali_op, m, DALI_INTERP[mode], args.img_size)
-        runs[f"{name}|torchvision"] = _torch_runner(pil, tv, m, INTERP[mode], args.img_size)
+    for row, dali_op, tv in contenders:
+        runs[(row, "dali")] = _dali_runner(images, dali_op, m, DALI_INTERP[mode], args.img_size)
+        runs[(row, "tv")] = _torch_runner(pil, tv, m, INTERP[mode], args.img_size)
     res = alternate(runs, args.rounds)
     rows = []
-    for key in runs:
-        name, lib = key.split("|")
-        if lib != "dali":
-            continue
-        d, t = median(res[key]) * 1e3, median(res[f"{name}|torchvision"]) * 1e3
+    for row, _, _ in contenders:
+        d, t = median(res[(row, "dali")]) * 1e3, median(res[(row, "tv")]) * 1e3
         # identity costs nothing in either: its difference is timing noise, and so is its ratio
-        rows.append({"op": name if name != "randaugment" else "RandAugment, 2 ops",
-                     "DALI ms/img": d, "torchvision ms/img": t,
+        rows.append({"op": row, "DALI ms/img": d, "torchvision ms/img": t,
                      "DALI / torchvision": d / t if min(d, t) > 0.01 else "-"})
+    raw = {f"{row} | {lib}": v for (row, lib), v in res.items()}  # JSON keys are strings
     return rows, {"magnitude_bin": m, "interpolation": mode, "images": len(images),
-                  "raw": res}
+                  "raw": raw}

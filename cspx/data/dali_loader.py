@@ -152,7 +152,8 @@ class DaliTrainLoader:
                  if k not in ("file_root", "file_list", "hw_decoder_load")}
         self.signature = hashlib.sha256(json.dumps(
             {**graph, "files": os.path.basename(self.params["file_list"]), "batch": micro_batch,
-             "seed": self.aug_seed, "graph_version": GRAPH_VERSION}, sort_keys=True).encode()).hexdigest()
+             "seed": self.aug_seed, "graph_version": GRAPH_VERSION},
+            sort_keys=True).encode()).hexdigest()
         self.consumed = 0          # micro-batches handed to the training loop
         self.bad_files = 0         # always 0: DALI replaces nothing at run time (module doc)
         self._checkpoint: Optional[bytes] = None
