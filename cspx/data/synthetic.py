@@ -15,9 +15,14 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cspx.errors import CspxError
+from cspx.files import pid_alive
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star", "hexagon",
           "chevron", "dots", "stripes")
-MARKER = ".cspx-synthetic-v1"
+MARKER = ".cspx-synthetic-v1"   # written last: the folder is a complete demo set
+PARTIAL = ".cspx-synthetic-partial"  # in a build folder until it is complete
+TMP_INFIX = ".cspx-tmp-"
 
 
 def _polygon(cx: float, cy: float, r: float, n: int, rot: float, star: bool = False):
@@ -83,30 +88,70 @@ def generate(root: str, num_classes: int = 10, train_per_class: int = 200, val_p
              seed: int = 0) -> str:
     """Write root/{train,val}/<class>/*.JPEG and root/synsets.txt once; returns root.
 
-    The folder is built under a temporary name and renamed, so an interrupted generation is
-    simply redone.
+    Only a folder cspx generated is used or touched: `root` must either not exist yet, or hold a
+    complete demo set (its MARKER is written last). Any other folder, even an empty one, is
+    refused with one line and left exactly as it was. The set is built in a sibling folder named
+    `<root>.cspx-tmp-<pid>` (holding PARTIAL while it is built) and renamed into place, so an
+    interrupted generation is simply redone; a stale sibling of a dead process is removed.
     """
     root = os.path.abspath(os.path.expanduser(root))
-    if os.path.exists(os.path.join(root, MARKER)):
+    if os.path.isfile(os.path.join(root, MARKER)):
         return root
-    if num_classes > len(SHAPES):
-        raise ValueError(f"at most {len(SHAPES)} synthetic classes")
-    tmp = f"{root}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(root):
+        raise CspxError(
+            f"data.root: {root} exists and is not a cspx demo dataset (no {MARKER} in it); "
+            f"nothing in it was touched. With data.synthetic=true, data.root must be a folder "
+            f"that does not exist yet (the demo set is generated there); to train on your own "
+            f"images set data.synthetic=false")
+    if not 0 < num_classes <= len(SHAPES):
+        raise CspxError(f"synthetic dataset: {num_classes} classes asked for; it has 1 to "
+                        f"{len(SHAPES)} (one per shape)")
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_builds(root)
+    tmp = f"{root}{TMP_INFIX}{os.getpid()}"
+    os.mkdir(tmp)  # fails if it exists: never writes into a folder it did not make
+    try:
+        open(os.path.join(tmp, PARTIAL), "w").close()
+        _write_set(tmp, num_classes, train_per_class, val_per_class, seed)
+        open(os.path.join(tmp, MARKER), "w").close()
+        os.remove(os.path.join(tmp, PARTIAL))
+        if os.path.lexists(root):  # made meanwhile by another process
+            if not os.path.isfile(os.path.join(root, MARKER)):
+                raise CspxError(f"data.root: {root} appeared while the demo set was generated "
+                                f"and is not a cspx demo dataset; nothing in it was touched")
+            shutil.rmtree(tmp)
+            return root
+        os.rename(tmp, root)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)  # our own build folder (made above)
+        raise
+    return root
+
+
+def _remove_stale_builds(root: str) -> None:
+    """Remove `<root>.cspx-tmp-<pid>` build folders left by dead processes; each must still hold
+    PARTIAL, the proof that a generation made it."""
+    folder, name = os.path.split(root)
+    for e in os.scandir(folder):
+        if not e.name.startswith(name + TMP_INFIX) or not e.is_dir(follow_symlinks=False):
+            continue
+        pid = e.name[len(name + TMP_INFIX):]
+        if pid.isdigit() and not pid_alive(int(pid)) and os.path.isfile(os.path.join(e.path, PARTIAL)):
+            shutil.rmtree(e.path, ignore_errors=True)
+
+
+def _write_set(folder: str, num_classes: int, train_per_class: int, val_per_class: int,
+               seed: int) -> None:
     rng = np.random.default_rng(seed)
     names = [f"s{k:02d}_{SHAPES[k]}" for k in range(num_classes)]
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for k, name in enumerate(names):
-            folder = os.path.join(tmp, split, name)
-            os.makedirs(folder)
+            sub = os.path.join(folder, split, name)
+            os.makedirs(sub)
             for i in range(per_class):
                 img = make_image(k, num_classes, rng)
-                img.save(os.path.join(folder, f"{name}_{i:05d}.JPEG"), quality=int(rng.integers(75, 95)))
-    with open(os.path.join(tmp, "synsets.txt"), "w") as f:
+                img.save(os.path.join(sub, f"{name}_{i:05d}.JPEG"), quality=int(rng.integers(75, 95)))
+    with open(os.path.join(folder, "synsets.txt"), "w") as f:
         f.writelines(f"{n} synthetic {n.split('_', 1)[1]}\n" for n in names)
-    open(os.path.join(tmp, MARKER), "w").close()
-    if os.path.exists(root):
-        shutil.rmtree(root)
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    os.replace(tmp, root)
-    return root
