@@ -41,6 +41,9 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     channels_last: bool = True
     compile: bool = False
+    # torch.compile mode: "reduce-overhead" adds CUDA graphs (GPU), "max-autotune" searches kernels
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
     sync_bn: bool = False
 
     def __post_init__(self):
@@ -153,15 +156,18 @@ class EmaConfig:
 class EvalConfig:
     every_steps: int = 10_000          # 0: only at the end
     batch_size: int = 256              # per rank
-    img_size: int = 224
-    crop_pct: float = 0.875            # shorter side resized to floor(img_size / crop_pct)
-    interpolation: Interp = "bilinear"
+    # null: the model's evaluation preset (cspx.models.eval_preset; cspresnext50: 224, 0.875,
+    # bilinear), filled in by cspx.resolve
+    img_size: Optional[int] = None
+    crop_pct: Optional[float] = None   # shorter side resized to floor(img_size / crop_pct)
+    interpolation: Optional[Interp] = None
 
     def __post_init__(self):
         _check(self.every_steps >= 0, "every_steps", "must be >= 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
-        _check(self.img_size >= 8, "img_size", "must be >= 8")
-        _check(0.0 < self.crop_pct <= 1.0, "crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+        _check(self.img_size is None or self.img_size >= 8, "img_size", "must be >= 8")
+        _check(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, "crop_pct",
+               f"must be in (0, 1], got {self.crop_pct}")
 
 
 @dataclass(frozen=True)
@@ -191,23 +197,21 @@ class Config:
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", "must be >= 0")
-        _check(self.sched.burn_in < self.train.steps or self.sched.burn_in == 0, "sched.burn_in",
-               f"{self.sched.burn_in} must be below train.steps={self.train.steps}")
 
 
-# Keys that may change between a checkpoint and its resumption without changing the training
-# trajectory. The dataset itself is checked by fingerprint, so its path may move.
-RESUME_FREE = ("run.", "eval.", "checkpoint.", "data.workers", "data.root", "data.exclude",
-               "data.synthetic", "model.init_from", "model.compile")
-
-
-def training_diff(old: dict, new: dict) -> list:
-    """Dotted keys that differ and do affect training."""
-    return [k for k in configio.diff(old, new) if not k.startswith(RESUME_FREE)]
+# What a recipe must say itself: without them an empty or partial file would quietly train the
+# defaults' model on the defaults' data path. The file or the command line may set them.
+REQUIRED = ("run.dir", "model.name", "data.root", "train.steps", "train.batch_size", "optim.lr")
 
 
 def load_config(path: str, overrides: Sequence[str] = (), check_paths: bool = True) -> Config:
     cfg = configio.load(Config, path, overrides)
+    given = set(configio.flatten(configio.merge(configio.read_yaml(path),
+                                                configio.parse_overrides(overrides))))
+    missing = [k for k in REQUIRED if k not in given]
+    if missing:
+        raise CspxError(f"{path}: the recipe does not set {', '.join(missing)}; a recipe names at "
+                        f"least {', '.join(REQUIRED)} (recipes/ has complete examples)")
     if check_paths:
         overridden = set(configio.flatten(configio.parse_overrides(overrides)))
         _check_paths(cfg, lambda key: "command line" if key in overridden else path)

@@ -6,9 +6,11 @@ no-ops, so the training loop has one code path.
 from __future__ import annotations
 
 import datetime
+import itertools
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,9 @@ import torch.distributed as dist
 from cspx.errors import CspxError
 
 _CPU_GROUP: Optional[Any] = None  # gloo group for host-side flags, made by init()
+_MAIN_FIRST = itertools.count()   # numbers the main_first calls: every rank makes them in order
+T = TypeVar("T")
+log = logging.getLogger("cspx")
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,42 @@ class StopVote:
         if self._work is not None:
             self._work.wait()
             self._work = None
+
+
+def main_first(fn: Callable[[], T], env: DistEnv, what: str) -> T:
+    """Run `fn` on rank 0 while the other ranks wait, then give them its result (pickled).
+
+    The others wait on the process group's key-value store, in one-minute polls with no overall
+    limit, not in a collective: a collective would fail after the group's 30-minute timeout,
+    and indexing 1.28M files on a cold network filesystem can take longer. If rank 0 fails,
+    every rank stops with its message."""
+    if not env.distributed:
+        return fn()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"cspx/main_first/{next(_MAIN_FIRST)}"
+    if env.is_main:
+        try:
+            result = fn()
+        except BaseException as e:
+            store.set(key, f"failed: {e}")
+            raise
+        store.set(key, "ok")
+    else:
+        waited = 0
+        while True:
+            try:
+                store.wait([key], datetime.timedelta(seconds=60))
+                break
+            except RuntimeError:  # DistStoreError on timeout: keep waiting, say so now and then
+                waited += 1
+                if waited % 10 == 0:
+                    log.warning(f"rank {env.rank}: still waiting for rank 0 ({what}, "
+                                f"{waited} min)")
+        status = store.get(key).decode()
+        if status != "ok":
+            raise CspxError(f"rank 0 stopped while {what}: {status[len('failed: '):]}")
+        result = None
+    return broadcast_object(result, env)
 
 
 def destroy() -> None:

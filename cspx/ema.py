@@ -37,6 +37,11 @@ class ModelEma:
         for d, s in ints:
             d.copy_(s)
 
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """Restart the average at `model`'s current weights."""
+        self.module.load_state_dict(model.state_dict())
+
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.module.state_dict()
 

@@ -30,8 +30,7 @@ from torch import nn
 from cspx.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, INTERP, eval_resize_size,
                                   eval_transform, load_rgb, mean_std, normalize_)
 from cspx.errors import CspxError
-from cspx.models import create_model, model_config
-from cspx.weights import load_into, load_weights
+from cspx.weights import build_model_from_checkpoint
 
 FORMATS = ("onnx", "torchscript", "export")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "export": ".pt2"}
@@ -59,41 +58,14 @@ def out_prefix(out: str) -> str:
     return out
 
 
-def _checkpoint_classes(path: str) -> Optional[List[str]]:
-    """The class list a cspx checkpoint records (label k -> wnid), else None. Memory-mapped, so
-    this second read does not load the tensors again."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mapped; classes optional
-        return None
-    classes = obj.get("classes") if isinstance(obj, dict) else None
-    if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
-        return list(classes)
-    return None
-
-
 def load_model(checkpoint: str, model_name: Optional[str], ema: bool
                ) -> Tuple[nn.Module, str, Dict[str, Any]]:
-    """(model in eval mode on the CPU, architecture name, details for the JSON). The architecture
-    is --model, else the one a cspx checkpoint records, else cspresnext50; the class count is the
-    checkpoint classifier's."""
-    if model_name:
-        try:
-            model_config(model_name)  # an unknown name fails before a large file is read
-        except CspxError as e:
-            raise CspxError(f"--model: {e}") from None
-    loaded = load_weights(checkpoint, prefer_ema=ema)
-    _, info = loaded
-    if ema and not info["ema"]:
-        raise CspxError(f"{checkpoint}: --ema given but the checkpoint holds no EMA weights")
-    name = model_name or info.get("model_name") or "cspresnext50"
-    num_classes = info.get("num_classes") or 1000
-    model = create_model(name, num_classes=num_classes)
-    load_into(model, checkpoint, prefer_ema=ema, loaded=loaded)
-    model.eval().requires_grad_(False)
-    classes = _checkpoint_classes(checkpoint) if info["kind"] == "cspx" else None
-    return model, name, {"num_classes": num_classes, "classes": classes,
-                         "weights": "EMA" if info["ema"] else "model", "source": info["kind"]}
+    """(model in eval mode on the CPU, architecture name, details for the JSON)."""
+    model, info = build_model_from_checkpoint(checkpoint, model_name, ema)
+    model.requires_grad_(False)
+    return model, info["model_name"], {
+        "num_classes": info["num_classes"] or 1000, "classes": info["classes"],
+        "weights": "EMA" if info["ema"] else "model", "source": info["kind"]}
 
 
 def preprocessing(img_size: int, crop_pct: float, interpolation: str) -> Dict[str, Any]:
@@ -244,16 +216,17 @@ def describe(name: str, details: Dict[str, Any], img_size: int, crop_pct: float,
     }
 
 
-def validate_args(fmt: str, img_size: int, crop_pct: float, interpolation: str) -> List[str]:
-    """The formats to write; bad values are CspxErrors (one line, exit 2)."""
+def validate_args(fmt: str, img_size: Optional[int], crop_pct: Optional[float],
+                  interpolation: Optional[str]) -> List[str]:
+    """The formats to write; bad values are CspxErrors (one line, exit 2). None: the model's."""
     if fmt not in FORMATS + ("all",):
         raise CspxError(f"--format: unknown format {fmt!r}; choose from "
                         f"{', '.join(FORMATS + ('all',))}")
-    if img_size < 32:
+    if img_size is not None and img_size < 32:
         raise CspxError(f"--img-size: {img_size} px is below the model's minimum of 32")
-    if not 0.0 < crop_pct <= 1.0:
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
         raise CspxError(f"--crop-pct: {crop_pct} is not in (0, 1]")
-    if interpolation not in INTERP:
+    if interpolation is not None and interpolation not in INTERP:
         raise CspxError(f"--interpolation: unknown {interpolation!r}; choose from "
                         f"{', '.join(INTERP)}")
     if fmt != "all":

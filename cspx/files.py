@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 from cspx.errors import CspxError
 
@@ -89,10 +89,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str, names: Optional[Iterable[str]] = None) -> int:
-    """Remove `.<name>.tmp<pid>` files in `folder` whose writer is dead (and, given `names`,
-    whose <name> is one of them). Returns how many were removed."""
-    allowed = set(names) if names is not None else None
+def remove_stale_temps(folder: str, wanted: Callable[[str], bool]) -> int:
+    """Remove `.<name>.tmp<pid>` files in `folder` whose writer is dead and whose <name> is one
+    cspx writes there (`wanted(name)`). Returns how many were removed."""
     removed = 0
     try:
         entries = list(os.scandir(folder))
@@ -102,7 +101,7 @@ def remove_stale_temps(folder: str, names: Optional[Iterable[str]] = None) -> in
         m = TEMP_RE.match(e.name)
         if not m or not e.is_file(follow_symlinks=False):
             continue
-        if allowed is not None and m.group("name") not in allowed:
+        if not wanted(m.group("name")):
             continue
         if pid_alive(int(m.group("pid"))):
             continue

@@ -7,7 +7,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from cspx.config import OptimConfig
+from cspx.config import Config, OptimConfig
 
 
 def lr_at(step: int, lr: float, steps: int, power: float = 4.0, burn_in: int = 1000) -> float:
@@ -20,6 +20,11 @@ def lr_at(step: int, lr: float, steps: int, power: float = 4.0, burn_in: int = 1
     if step < burn_in:
         return lr * (step / burn_in) ** power
     return lr * max(0.0, 1.0 - step / steps) ** power
+
+
+def lr_for(cfg: Config, step: int) -> float:
+    """The recipe's LR at `step`: the one reader of optim.lr, train.steps and sched.*."""
+    return lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.sched.power, cfg.sched.burn_in)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
@@ -40,13 +45,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
 
 def build_sgd(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.SGD:
     """SGD with the fused CUDA kernel where this torch has it, else the foreach implementation
-    (one kernel per group of tensors instead of one per parameter)."""
+    (one kernel per group of tensors instead of one per parameter). Its LR starts at 0: the
+    schedule (`lr_for`) sets it before every step."""
     kwargs = {}
     if device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters:
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=0.0, momentum=cfg.momentum,
                            nesterov=cfg.nesterov, **kwargs)
 
 

@@ -1,11 +1,12 @@
-"""The `--dry-run` plan: what a recipe will do, computed without training."""
+"""Stage 1 of a training run (setup), `--dry-run`: the plan of what a recipe will do, computed
+without training."""
 from __future__ import annotations
 
 from torch import nn
 
 from cspx.config import Config
 from cspx.data.index import DatasetIndex
-from cspx.optim import lr_at
+from cspx.optim import lr_for
 
 
 def checkpoint_bytes(model: nn.Module, ema: bool) -> int:
@@ -23,7 +24,7 @@ def lr_points(cfg: Config):
         pts.append(("end of burn-in", s.burn_in))
     pts += [(f"{q}%", min(t.steps * q // 100, t.steps - 1) if q == 100 else t.steps * q // 100)
             for q in (25, 50, 75, 100)]
-    return [(name, step, lr_at(step, cfg.optim.lr, t.steps, s.power, s.burn_in)) for name, step in pts]
+    return [(name, step, lr_for(cfg, step)) for name, step in pts]
 
 
 def describe_plan(cfg: Config, model: nn.Module, train: DatasetIndex, val: DatasetIndex,

@@ -1,4 +1,5 @@
-"""What a run records: the provenance header, metrics.jsonl, TensorBoard, and the console log.
+"""What a run records, from its start to its end: the provenance header, the console and
+train.log, metrics.jsonl and TensorBoard.
 
 On resume from step S, events after S (written between that checkpoint and the interruption) are
 dropped from metrics.jsonl and purged from TensorBoard, so both continue with no duplicated and no
@@ -19,6 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 
 import cspx
+from cspx.files import atomic_write
 
 log = logging.getLogger("cspx")
 
@@ -76,21 +78,50 @@ def format_provenance(p: Dict[str, Any]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in p.items())
 
 
-def setup_console(run_dir: Optional[str], is_main: bool, verbose: bool = False) -> None:
-    """Log 'cspx' messages to stderr (rank 0, or warnings on other ranks) and to run_dir/train.log."""
+class _Stderr(logging.StreamHandler):
+    """stderr as it is when a record is logged (tests and tools swap sys.stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _Buffer(logging.Handler):
+    """Keeps the records logged before the run folder is claimed, for train.log."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def setup_console(is_main: bool, verbose: bool = False, keep: bool = False) -> None:
+    """Log 'cspx' messages to stderr (rank 0, or warnings on other ranks). With `keep`, rank 0
+    also keeps them until `attach_log_file` names the run's train.log."""
     logger = logging.getLogger("cspx")
     logger.handlers.clear()
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    h = logging.StreamHandler(sys.stderr)
+    h = _Stderr(sys.stderr)
     h.setLevel(logging.INFO if is_main else logging.WARNING)
     h.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(h)
-    if run_dir and is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(fh)
+    if is_main and keep:
+        logger.addHandler(_Buffer())
+
+
+def attach_log_file(path: str) -> None:
+    """Append the log to `path` from now on, starting with what was logged so far."""
+    logger = logging.getLogger("cspx")
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for h in [h for h in logger.handlers if isinstance(h, _Buffer)]:
+        for record in h.records:
+            fh.handle(record)
+        logger.removeHandler(h)
+    logger.addHandler(fh)
 
 
 class MetricsLog:
@@ -123,10 +154,7 @@ class MetricsLog:
                         kept.append(line)
                 except ValueError:  # a line cut by the kill
                     continue
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(kept))
 
     def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
         if not self.enabled:

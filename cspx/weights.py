@@ -38,7 +38,8 @@ class LoadInfo(dict):
     path; kind: "cspx" (training checkpoint), "plain" (a bare state_dict) or the dict key the
     weights were under ("state_dict", "model", "state_dict_ema", "model_ema"); ema: EMA weights
     were used; model_name: architecture recorded in a cspx checkpoint (else None); num_classes:
-    rows of the checkpoint's classifier (else None); dropped: checkpoint keys not loaded;
+    rows of the checkpoint's classifier (else None); classes: the class list (label k -> wnid) a
+    cspx checkpoint records (else None); dropped: checkpoint keys not loaded;
     missing / unexpected: keys tolerated by a non-strict load; notes: human-readable remarks."""
 
     def __str__(self) -> str:
@@ -123,11 +124,15 @@ def load_weights(path: str, prefer_ema: bool = False) -> Tuple[Dict[str, torch.T
     if not isinstance(obj, dict):
         raise CspxError(f"{path}: holds a {type(obj).__name__}, not model weights")
     info = LoadInfo(path=path, kind="plain", ema=False, model_name=None, num_classes=None,
-                    dropped=[], missing=[], unexpected=[], notes=[])
+                    classes=None, dropped=[], missing=[], unexpected=[], notes=[])
     if obj.get("format") == FORMAT:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CspxError(f"{path}: written by a newer cspx (format {obj['format_version']})")
-        info.update(kind="cspx", model_name=obj.get("model_name"))
+        classes = obj.get("classes")
+        if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+            classes = None
+        info.update(kind="cspx", model_name=obj.get("model_name"),
+                    classes=list(classes) if classes else None)
         use_ema = prefer_ema and obj.get("ema") is not None
         key = "ema" if use_ema else "model"
         if prefer_ema and not use_ema:
@@ -219,3 +224,27 @@ def load_into(model: nn.Module, path: str, prefer_ema: bool = False, strict: boo
         info["notes"].append(f"non-strict load: {len(missing)} missing, "
                              f"{len(unexpected)} unexpected keys")
     return info
+
+
+def build_model_from_checkpoint(path: str, model_name: Optional[str] = None, ema: bool = False,
+                                flag: str = "--model") -> Tuple[nn.Module, LoadInfo]:
+    """The model a checkpoint describes, with its weights, in eval mode on the CPU.
+
+    The architecture is `model_name`, else the one a cspx checkpoint records, else cspresnext50;
+    the class count is the checkpoint classifier's. `info` gains "model_name" (resolved). An
+    unknown name fails before a large file is read."""
+    from cspx.models import create_model, model_config
+    if model_name:
+        try:
+            model_config(model_name)
+        except CspxError as e:
+            raise CspxError(f"{flag}: {e}") from None
+    loaded = load_weights(path, prefer_ema=ema)
+    info = loaded[1]
+    if ema and not info["ema"]:
+        raise CspxError(f"{path}: --ema given but the checkpoint holds no EMA weights")
+    name = model_name or info.get("model_name") or "cspresnext50"
+    model = create_model(name, num_classes=info.get("num_classes") or 1000)
+    load_into(model, path, prefer_ema=ema, loaded=loaded)
+    info["model_name"] = name
+    return model.eval(), info

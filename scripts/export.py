@@ -12,6 +12,9 @@ Every file is loaded back with its own runtime and run on random batches of 3 an
 export needs `onnx` and its check `onnxruntime`: pip install 'cspx[export]'. Without
 onnxruntime the ONNX file is written and its check skipped, with a note.
 
+Files the export would replace are refused unless they were written by an earlier export to the
+same PREFIX (PREFIX.json lists them), or --force is given.
+
 Examples:
   python scripts/export.py --checkpoint runs/cspresnext50_ra/checkpoints/best.pt --ema --out exported/cspresnext50
   python scripts/export.py --checkpoint cspresnext50_ra_224-648b4713.pth --format onnx --out cspresnext50
@@ -24,9 +27,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cspx.errors import CspxError, run_cli  # noqa: E402
+from cspx.errors import CspxError, run_cli
 
 
 def parse(argv):
@@ -37,13 +38,16 @@ def parse(argv):
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--format", default="all", metavar="{onnx,torchscript,export,all}",
                    help="default: all (ONNX only when the onnx package is installed)")
-    p.add_argument("--img-size", type=int, default=224, help="input height and width")
-    p.add_argument("--crop-pct", type=float, default=0.875,
-                   help="center-crop fraction: resize to floor(img-size / crop-pct) first")
-    p.add_argument("--interpolation", default="bilinear", help="bilinear, bicubic or nearest")
+    p.add_argument("--img-size", type=int,
+                   help="input height and width (default: the model's, 224 for cspresnext50)")
+    p.add_argument("--crop-pct", type=float, help="center-crop fraction: resize to "
+                   "floor(img-size / crop-pct) first (default: the model's, 0.875)")
+    p.add_argument("--interpolation", help="bilinear, bicubic or nearest (default: the model's)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="also compare outputs on this image (repeatable); prints its top-5")
     p.add_argument("--out", required=True, metavar="PREFIX", help="path prefix of the files")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing files at PREFIX.* that an earlier export did not write")
     p.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     return p.parse_args(argv)
 
@@ -72,15 +76,37 @@ def _top5(model, x, classes):
         yield ", ".join(f"{n} {p:.3f}" for n, p in zip(names, row_p))
 
 
+def _written_by_export(json_path):
+    """`owned(path)` for check_writable: the files an earlier export listed in PREFIX.json."""
+    def owned(path):
+        try:
+            with open(json_path, "r", encoding="utf-8") as f:
+                meta = json.load(f)
+            listed = {a.get("file") for a in meta["artefacts"].values()}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            return False
+        return path == json_path or os.path.basename(path) in listed
+    return owned
+
+
 def main(argv):
     args = parse(argv)
     from cspx import export as ex
+    from cspx.files import atomic_write, check_writable
+    from cspx.models import eval_preset
     formats = ex.validate_args(args.format, args.img_size, args.crop_pct, args.interpolation)
     for p in args.image:
         if not os.path.isfile(p):
             raise CspxError(f"{p}: image not found")
-    model, name, details = ex.load_model(args.checkpoint, args.model, args.ema)
     prefix = ex.out_prefix(args.out)
+    json_path = prefix + ".json"
+    for path in [prefix + ex.SUFFIX[f] for f in formats] + [json_path]:
+        check_writable(path, "--out", args.force, _written_by_export(json_path))
+    model, name, details = ex.load_model(args.checkpoint, args.model, args.ema)
+    preset = eval_preset(name)
+    args.img_size = args.img_size or preset.img_size
+    args.crop_pct = args.crop_pct or preset.crop_pct
+    args.interpolation = args.interpolation or preset.interpolation
     folder = os.path.dirname(os.path.abspath(prefix))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -108,10 +134,7 @@ def main(argv):
             why = result.get("error") or (f"max abs diff {result['max_abs_diff']:.2e} > "
                                           f"{ex.TOLERANCE:g}")
             ex.note(f"{fmt}: wrote {path}, but it does not match PyTorch: {why}")
-    json_path = prefix + ".json"
-    with open(json_path, "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+    atomic_write(json_path, json.dumps(meta, indent=2) + "\n")
     print(_summary(meta))
     if args.image:
         for p, line in zip(args.image, _top5(model, inputs[-1], details["classes"])):

@@ -42,6 +42,35 @@ def demo_data(tmp_path_factory):
     return generate(str(tmp_path_factory.getbasetemp() / "demo-data"))
 
 
+@pytest.fixture(scope="session")
+def small_imagenet(tmp_path_factory):
+    """A user's ImageNet-layout folder, as small as a full batch of the documented recipe allows:
+    3 classes x 44 = 132 train images (batch 128), 3 x 4 val images; 40 x 30 px JPEGs."""
+    from PIL import Image
+    root = tmp_path_factory.getbasetemp() / "small-imagenet"
+    for split, per_class in (("train", 44), ("val", 4)):
+        for k in range(3):
+            folder = root / split / f"n{k:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (40, 30), (k * 80, i * 5, 100)).save(folder / f"{i}.JPEG")
+    return str(root)
+
+
+def tree_digest(root):
+    """{relative path: sha256} of every file under root (and the folders), to prove a command
+    left a user's folder byte-for-byte as it was."""
+    import hashlib
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        out[rel + "/"] = "dir"
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.join(rel, name)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
 def run_py(args, cwd=ROOT, timeout=600, env=None, **kw):
     """Run `python <args>` in the repository; returns CompletedProcess with text output."""
     import subprocess

@@ -12,9 +12,20 @@ import pytest
 import torch
 
 from cspx import checkpoint
-from cspx.checkpoint import CheckpointManager
+from cspx.checkpoint import Checkpointer
+from cspx.config import CheckpointConfig
+from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from conftest import ROOT
+
+
+def CheckpointManager(run_dir, keep_last, async_save, is_main=True):
+    return Checkpointer(run_dir, CheckpointConfig(every_steps=0, keep_last=keep_last,
+                                                  async_save=async_save), DistEnv())
+
+
+def listing(folder):
+    return sorted(n for n in os.listdir(folder) if n != checkpoint.RECORD)
 
 
 def state(step, n=10):
@@ -29,7 +40,7 @@ def test_links_pruning_and_best(tmp_path, async_save):
         m.save(state(step), step, best=step == 2)
     m.close()
     ck = tmp_path / "checkpoints"
-    assert sorted(os.listdir(ck)) == ["best.pt", "last.pt", "step_00000003.pt", "step_00000004.pt"]
+    assert listing(ck) == ["best.pt", "last.pt", "step_00000003.pt", "step_00000004.pt"]
     assert checkpoint.load(str(ck / "last.pt"))["step"] == 4
     assert checkpoint.load(str(ck / "best.pt"))["step"] == 2      # survives pruning of step 2
     path, s = m.latest_valid()
@@ -57,7 +68,7 @@ def test_failed_save_is_one_clear_error_and_keeps_old(tmp_path, monkeypatch):
                                         r"left on device\); earlier checkpoints .* are intact"):
         m.save(state(2), 2)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["last.pt", "step_00000001.pt"]
+    assert listing(tmp_path / "checkpoints") == ["last.pt", "step_00000001.pt"]
     assert checkpoint.load(str(tmp_path / "checkpoints" / "last.pt"))["step"] == 1
 
 
@@ -75,8 +86,10 @@ def test_save_killed_mid_write_leaves_previous_valid(tmp_path):
     code = textwrap.dedent(f"""
         import torch, sys
         sys.path.insert(0, {ROOT!r})
-        from cspx.checkpoint import CheckpointManager, FORMAT
-        m = CheckpointManager({str(tmp_path)!r}, keep_last=3, async_save=False, is_main=True)
+        from cspx.checkpoint import Checkpointer, FORMAT
+        from cspx.config import CheckpointConfig
+        from cspx.distributed import DistEnv
+        m = Checkpointer({str(tmp_path)!r}, CheckpointConfig(0, 3, False), DistEnv())
         m.save({{"format": FORMAT, "step": 1, "w": torch.ones(4)}}, 1)
         print("saved 1", flush=True)
         m.save({{"format": FORMAT, "step": 2, "w": torch.randn(400_000_000 // 4)}}, 2)
@@ -109,3 +122,44 @@ def test_load_rejects_non_checkpoints(tmp_path):
         with pytest.raises(CspxError, match=msg) as e:
             checkpoint.load(str(tmp_path / name))
         assert str(e.value).startswith(str(tmp_path / name))
+
+
+def test_pruning_and_links_touch_only_files_this_run_wrote(tmp_path):
+    """A step file or last.pt that someone else put into checkpoints/ is never deleted or
+    replaced: pruning skips it, and a save that would replace it stops with one line."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    foreign = ck / "step_00000000.pt"             # older than anything the run writes
+    foreign.write_bytes(b"a user's own file")
+    before = foreign.read_bytes()
+    m = CheckpointManager(str(tmp_path), keep_last=1, async_save=False)
+    for step in (1, 2, 3):
+        m.save(state(step), step)
+    assert listing(ck) == ["last.pt", "step_00000000.pt", "step_00000003.pt"]
+    assert foreign.read_bytes() == before
+    # last.pt replaced by another run's checkpoint: the next save refuses to overwrite it
+    (ck / "last.pt").unlink()
+    torch.save({**state(9), "run_id": "another-run"}, ck / "last.pt")
+    theirs = (ck / "last.pt").read_bytes()
+    with pytest.raises(CspxError, match=r"last.pt: exists and was not written by this run"):
+        m.save(state(4), 4)
+    assert (ck / "last.pt").read_bytes() == theirs and foreign.read_bytes() == before
+
+
+def test_checkpoints_of_cspx_0_1_and_of_other_runs(tmp_path):
+    """cspx 0.1.0 recorded no run id: its checkpoints in a run folder are the run's (pruning
+    continues); a checkpoint of another run, or any other file, stays untouched."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    for step in (1, 2):
+        torch.save(state(step), ck / f"step_{step:08d}.pt")
+    os.link(ck / "step_00000002.pt", ck / "last.pt")
+    (ck / "step_00000005.pt").write_bytes(b"not a checkpoint")
+    torch.save({**state(3), "run_id": "another-run"}, ck / "step_00000003.pt")
+    m = Checkpointer(str(tmp_path), CheckpointConfig(every_steps=0, keep_last=2, async_save=False),
+                     DistEnv(), {"run_id": "this-run"})
+    m.save(state(6), 6)
+    assert listing(ck) == ["last.pt", "step_00000002.pt", "step_00000003.pt", "step_00000005.pt",
+                           "step_00000006.pt"]
+    assert (ck / "step_00000005.pt").read_bytes() == b"not a checkpoint"
+    assert checkpoint.load(str(ck / "step_00000003.pt"))["run_id"] == "another-run"

@@ -26,7 +26,9 @@ def write(tmp_path, text, name="r.yaml"):
 def recipe(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    return write(tmp_path, f"seed: 1\nrun: {{dir: {tmp_path / 'run'}}}\ndata: {{root: {data}}}\n")
+    return write(tmp_path, f"seed: 1\nrun: {{dir: {tmp_path / 'run'}}}\ndata: {{root: {data}}}\n"
+                           f"model: {{name: cspresnext_tiny}}\ntrain: {{steps: 10, batch_size: 8}}\n"
+                           f"optim: {{lr: 0.1}}\n")
 
 
 def test_all_recipes_load_and_are_complete(tmp_path):
@@ -87,7 +89,8 @@ def test_overrides_are_yaml_scalars(recipe):
 def test_recipe_errors_name_file_and_key(tmp_path, text, message):
     data = tmp_path / "d"
     data.mkdir()
-    base = {"data": {"root": str(data)}}
+    base = {"run": {"dir": "r"}, "model": {"name": "cspresnext_tiny"}, "data": {"root": str(data)},
+            "train": {"steps": 10, "batch_size": 8}, "optim": {"lr": 0.1}}
     merged = configio.merge(base, yaml.safe_load(text)) if isinstance(yaml.safe_load(text), dict) else text
     path = write(tmp_path, yaml.safe_dump(merged) if isinstance(merged, dict) else text)
     with pytest.raises(CspxError) as e:
@@ -118,7 +121,7 @@ def test_cli_bad_recipe_is_one_line_exit_2(tmp_path, recipe):
 
 
 def test_resume_free_keys():
-    from cspx.config import training_diff
+    from cspx.checkpoint import training_diff
     a = configio.to_dict(Config())
     b = configio.merge(a, {"run": {"dir": "x", "log_every_steps": 7}, "eval": {"every_steps": 5},
                            "checkpoint": {"every_steps": 3}, "data": {"workers": 1}})

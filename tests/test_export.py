@@ -162,8 +162,11 @@ def test_defaults_follow_model_card():
     pre = ex.preprocessing(224, 0.875, "bilinear")
     assert pre["resize_shorter_side"] == 256 and pre["center_crop"] == [224, 224]
     args = script.parse(["--checkpoint", "c.pt", "--out", "x"])
+    # not given: the model's evaluation preset, which for cspresnext50 is the model card's
     assert (args.img_size, args.crop_pct, args.interpolation, args.format) == \
-        (224, 0.875, "bilinear", "all")
+        (None, None, None, "all")
+    from cspx.models import EvalPreset, eval_preset
+    assert eval_preset("cspresnext50") == EvalPreset(224, 0.875, "bilinear")
     assert ex.out_prefix("dir/m.onnx") == ex.out_prefix("dir/m.pt2") == "dir/m"
 
 

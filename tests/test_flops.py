@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cspx.models import create_model
-from cspx.models.flops import forward_flops
+from cspx.bench.flops import forward_flops
 
 
 def shape_flops(model: nn.Module, img_size: int) -> int:

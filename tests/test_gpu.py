@@ -12,14 +12,15 @@ pytestmark = pytest.mark.gpu
 
 
 def make(recipe_over, loader=None, steps=4):
-    from cspx.bench.steps import make_trainer
+    from cspx.bench.steps import make_trainer, resolved
     from cspx.config import load_config
-    from cspx.data.fixed import FixedBatchLoader
+    from cspx.bench.fixed import FixedBatchLoader
     cfg = load_config("recipes/cspresnext50_ra.yaml",
                       ["run.device=cuda", f"train.steps={steps}", "sched.burn_in=1",
                        "train.batch_size=32", "eval.every_steps=0", "run.tensorboard=false",
                        *recipe_over], check_paths=False)
     dev = torch.device("cuda", 0)
+    cfg = resolved(cfg, dev)
     loader = loader or FixedBatchLoader.random(32, 224, 1000, dev, cfg.model.channels_last)
     return make_trainer(cfg, dev, loader, tempfile.mkdtemp()), cfg
 
@@ -59,8 +60,8 @@ def test_compile_channels_last_checkpoint_has_plain_keys():
 
 
 def test_auto_precision_is_bf16_or_fp16_on_gpu():
-    from cspx.run import resolve_precision
-    p = resolve_precision("auto", torch.device("cuda", 0))
+    from cspx.precision import resolve
+    p = resolve("auto", torch.device("cuda", 0))
     assert p == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
 

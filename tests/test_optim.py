@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cspx.config import OptimConfig
-from cspx.optim import build_sgd, lr_at, param_groups
+from cspx.optim import build_sgd, lr_at, param_groups, set_lr
 
 
 def darknet_rate(i, base=0.1, max_batches=8_000_000, power=4, burn_in=1000):
@@ -57,6 +57,7 @@ def test_sgd_step_applies_decay_only_to_weights():
     """One SGD step with zero gradients: decayed tensors shrink by lr*wd, others stay."""
     m = Net()
     opt = build_sgd(m, OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.5), torch.device("cpu"))
+    set_lr(opt, 0.1)  # the schedule sets the LR before every step
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
@@ -67,7 +68,7 @@ def test_sgd_step_applies_decay_only_to_weights():
 
 
 def test_label_smoothed_loss_matches_torch_and_formula():
-    from cspx.trainer import training_loss
+    from cspx.train_loop import training_loss
     torch.manual_seed(0)
     logits, labels = torch.randn(16, 10), torch.randint(0, 10, (16,))
     ours = training_loss(logits, labels, 0.1)

@@ -7,6 +7,8 @@ import glob
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_py
+from conftest import ROOT, run_py, tree_digest
 
 TINY = ["train.steps=24", "sched.burn_in=4", "train.batch_size=16", "train.accum_steps=2",
         "aug.img_size=32", "eval.img_size=32", "eval.every_steps=12", "eval.batch_size=100",
@@ -43,7 +45,7 @@ def kill_after_checkpoint(proc, run_dir, min_step, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if any(s >= min_step for s in steps_saved(run_dir)):
-            time.sleep(random.uniform(0.0, 0.4))
+            time.sleep(random.uniform(0.0, 0.3))
             break
         time.sleep(0.02)
     if proc.poll() is None:
@@ -77,26 +79,44 @@ def metrics(run_dir, kind="train"):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_data, tmp_path_factory):
+def workdir(tmp_path_factory):
+    """Every run of this module trains in the same folder, `<workdir>/run`, and an uninterrupted
+    reference is moved aside when it is done: the runs compared then have the same run.dir in
+    their recipes, so their checkpoints can be compared whole, every key and value."""
+    return tmp_path_factory.mktemp("resume")
+
+
+def fresh_run_dir(workdir):
+    run_dir = workdir / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return str(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_data, workdir):
     """One uninterrupted run per loader setting, shared by the tests of this module."""
     cache = {}
 
     def get(*extra):
         if extra not in cache:
-            run_dir = tmp_path_factory.mktemp("ref")
+            run_dir = fresh_run_dir(workdir)
             r = run_py(recipe_args(run_dir, demo_data, *extra))
             assert r.returncode == 0, r.stdout + r.stderr
-            cache[extra] = str(run_dir)
+            cache[extra] = str(workdir / f"ref-{len(cache)}")
+            os.rename(run_dir, cache[extra])
         return cache[extra]
     return get
 
 
 def check_equal_runs(ref_dir, run_dir):
+    """The final checkpoints are equal in every tensor and value (RNG states, loader states,
+    progress, config...); the logs continue with no duplicated or missing steps."""
     a, b = load(f"{ref_dir}/checkpoints/last.pt"), load(f"{run_dir}/checkpoints/last.pt")
-    for key in ("model", "optimizer", "ema", "scaler"):
-        assert_same_tensors(a[key], b[key], key)
-    assert a["progress"] == b["progress"]
-    # logs continue with no duplicated or missing steps, and the same values
+    # run_id names the run folder (a random id made when the folder was first claimed), like a
+    # time stamp; every other key is state and must be equal
+    assert a.pop("run_id") and b.pop("run_id")
+    assert_same_tensors(a, b, "checkpoint")
     ra, rb = metrics(ref_dir), metrics(run_dir)
     assert [r["step"] for r in rb] == [r["step"] for r in ra] == list(range(2, 25, 2))
     assert [r["loss"] for r in rb] == [r["loss"] for r in ra]
@@ -111,27 +131,29 @@ def tb_steps(run_dir, tag="train/loss"):
 
 
 @pytest.mark.parametrize("loader, workers", [("torch", 0), ("torch", 2), ("dali", 2)])
-def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, tmp_path, loader, workers):
+def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, workdir, loader, workers):
     extra = (f"data.workers={workers}",) + ((f"data.loader={loader}",) if loader != "torch" else ())
     ref = reference(*extra)
-    run_dir = str(tmp_path / "run")
+    run_dir = fresh_run_dir(workdir)
     rng = random.Random()
-    targets = sorted(rng.sample(range(1, 20), 2))
+    targets = sorted(rng.sample(range(1, 13), 2))
     print("killing after checkpoints at steps >=", targets)
     for k, target in enumerate(targets):
         proc = start(recipe_args(run_dir, demo_data, *extra) + (["--resume", "auto"] if k else []))
-        kill_after_checkpoint(proc, run_dir, target)
-        assert proc.returncode == -signal.SIGKILL or proc.returncode == 0
+        out = kill_after_checkpoint(proc, run_dir, target)
+        # the kill landed mid-run: the process died of it, before the run's last step
+        assert proc.returncode == -signal.SIGKILL, out[-2000:]
+        assert max(steps_saved(run_dir)) < 24
     r = run_py(recipe_args(run_dir, demo_data, *extra) + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stderr or "no checkpoint" in r.stderr
+    assert "resuming from" in r.stderr
     check_equal_runs(ref, run_dir)
     assert tb_steps(run_dir) == tb_steps(ref) == list(range(2, 25, 2))
 
 
-def test_sigterm_saves_and_exits_0_then_resumes_exactly(demo_data, reference, tmp_path):
+def test_sigterm_saves_and_exits_0_then_resumes_exactly(demo_data, reference, workdir):
     ref = reference("data.workers=0")
-    run_dir = str(tmp_path / "run")
+    run_dir = fresh_run_dir(workdir)
     proc = start(recipe_args(run_dir, demo_data, "data.workers=0"))
     deadline = time.time() + 240
     while not steps_saved(run_dir) and time.time() < deadline:
@@ -148,32 +170,58 @@ def test_sigterm_saves_and_exits_0_then_resumes_exactly(demo_data, reference, tm
     check_equal_runs(ref, run_dir)
 
 
-def test_truncated_last_falls_back_and_pruning(demo_data, reference, tmp_path):
+def test_second_job_on_a_live_run_dir_is_refused(demo_data, reference, workdir):
+    """A job resubmitted while the first still runs stops at once, naming the holder; the first
+    job goes on undisturbed and ends with the checkpoint of a run alone."""
     ref = reference("data.workers=0")
-    run_dir = tmp_path / "run"
-    import shutil
+    run_dir = fresh_run_dir(workdir)
+    first = start(recipe_args(run_dir, demo_data, "data.workers=0"))
+    deadline = time.time() + 240
+    while not steps_saved(run_dir) and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, "the first job ended before the second one started"
+    second = run_py(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"],
+                    timeout=120)
+    assert second.returncode == 2, second.stderr
+    line = second.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: run.dir: {re.escape(run_dir)} is in use by another cspx job "
+                        rf"\(host \S+, pid {first.pid}, started .+\); wait for it to finish, or "
+                        rf"set run.dir to another folder", line), line
+    assert "Traceback" not in second.stderr
+    out = first.communicate(timeout=240)[0]
+    assert first.returncode == 0, out[-3000:]
+    check_equal_runs(ref, run_dir)
+
+
+def copy_of(ref, workdir):
+    """The reference run folder, copied to <workdir>/run (so its run.dir is the recipe's)."""
+    run_dir = fresh_run_dir(workdir)
     shutil.copytree(ref, run_dir)
-    ck = run_dir / "checkpoints"
+    return run_dir
+
+
+def test_truncated_last_falls_back_and_pruning(demo_data, reference, workdir):
+    ref = reference("data.workers=0")
+    run_dir = copy_of(ref, workdir)
+    ck = os.path.join(run_dir, "checkpoints")
     # keep_last=3 step files, plus last.pt and best.pt as links
-    assert steps_saved(str(run_dir)) == [18, 21, 24]
-    assert sorted(os.listdir(ck)) == ["best.pt", "last.pt", "step_00000018.pt", "step_00000021.pt",
+    assert steps_saved(run_dir) == [18, 21, 24]
+    assert sorted(n for n in os.listdir(ck) if n[0] != ".") == ["best.pt", "last.pt", "step_00000018.pt", "step_00000021.pt",
                                       "step_00000024.pt"]
     assert os.path.samefile(f"{ref}/checkpoints/last.pt", f"{ref}/checkpoints/step_00000024.pt")
-    size = os.path.getsize(ck / "last.pt")
+    size = os.path.getsize(os.path.join(ck, "last.pt"))
     for name in ("last.pt", "step_00000024.pt"):  # one file under two names in a real run dir
-        with open(ck / name, "r+b") as f:
+        with open(os.path.join(ck, name), "r+b") as f:
             f.truncate(size // 2)
     r = run_py(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr
     assert "skipping invalid checkpoint" in r.stderr and "last.pt" in r.stderr
     assert "step_00000021.pt (step 21)" in r.stderr
-    check_equal_runs(ref, str(run_dir))
+    check_equal_runs(ref, run_dir)
 
 
-def test_recipe_mismatch_is_refused_unless_forced(demo_data, reference, tmp_path):
-    import shutil
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference("data.workers=0"), run_dir)
+def test_recipe_mismatch_is_refused_unless_forced(demo_data, reference, workdir):
+    run_dir = copy_of(reference("data.workers=0"), workdir)
     base = recipe_args(run_dir, demo_data, "data.workers=0")
     r = run_py(base + ["optim.lr=0.2", "train.steps=30", "--resume", "auto"])
     assert r.returncode == 2
@@ -187,18 +235,49 @@ def test_recipe_mismatch_is_refused_unless_forced(demo_data, reference, tmp_path
     assert load(f"{run_dir}/checkpoints/last.pt")["progress"]["step"] == 30
 
 
-def test_fresh_start_never_overwrites_a_run(demo_data, reference, tmp_path):
-    import shutil
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference("data.workers=0"), run_dir)
-    before = {p: os.path.getmtime(run_dir / p) for p in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt")}
+def test_fresh_start_never_overwrites_a_run(demo_data, reference, workdir):
+    run_dir = copy_of(reference("data.workers=0"), workdir)
+    before = tree_digest(run_dir)
     r = run_py(recipe_args(run_dir, demo_data, "data.workers=0"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: run.dir: {run_dir} already holds checkpoints (newest: step 24); pass --resume "
         f"auto to continue that run, or set run.dir to a new folder")
-    assert before == {p: os.path.getmtime(run_dir / p) for p in before}
+    after = tree_digest(run_dir)
+    # every file as it was; the lock file names its newest holder, the refused job
+    assert after.pop("./.cspx-lock") and before.pop("./.cspx-lock")
+    assert after == before
     # resuming a finished run is a no-op that reports the result again
     r = run_py(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
     assert r.returncode == 0 and "done: 24 steps" in r.stderr, r.stderr[-2000:]
     assert [m["step"] for m in metrics(run_dir)] == list(range(2, 25, 2))
+
+
+def test_checkpoint_of_cspx_0_1_0_resumes_and_evaluates(demo_data, tmp_path):
+    """tests/data holds a step-4 checkpoint of an 8-step tiny demo run written by cspx 0.1.0
+    (before the run-folder marker, run ids, eval presets and compile modes). Its run folder, as
+    0.1.0 left it, resumes with the recipe the run saved, and validate.py evaluates it."""
+    old = os.path.join(ROOT, "tests", "data", "demo_tiny_step4_v0.1.0.pt")
+    state = load(old)
+    assert state["cspx_version"] == "0.1.0" and state["progress"]["step"] == 4
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(old, run_dir / "checkpoints" / "step_00000004.pt")
+    os.link(run_dir / "checkpoints" / "step_00000004.pt", run_dir / "checkpoints" / "last.pt")
+    import yaml
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
+    (run_dir / "provenance.json").write_text(json.dumps({"cspx": "0.1.0"}))
+    # the recipe: what the old run saved, at this machine's paths
+    r = run_py(["train.py", "--recipe", str(run_dir / "config.yaml"), f"run.dir={run_dir}",
+                f"data.root={demo_data}", "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "(step 4)" in r.stderr
+    new = load(run_dir / "checkpoints" / "last.pt")
+    assert new["progress"]["step"] == 8 and new["progress"]["images"] == 8 * 16
+    assert new["config"]["train"] == state["config"]["train"]
+    assert [m["step"] for m in metrics(str(run_dir))] == [6, 8]
+    # the old file itself evaluates with validate.py (its model name and classes are recorded)
+    v = run_py(["validate.py", "--checkpoint", old, "--data-dir", demo_data, "--img-size", "32",
+                "--classes", os.path.join(demo_data, "synsets.txt"), "--workers", "0"])
+    assert v.returncode == 0, v.stderr[-2000:]
+    assert re.search(r"top-1 \d+\.\d+%  top-5 \d+\.\d+% .* images 300", v.stdout), v.stdout

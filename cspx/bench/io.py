@@ -9,14 +9,16 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from cspx import precision
 from cspx.bench.common import alternate, median, seconds, sync
+from cspx.bench.fixed import FixedBatchLoader
 from cspx.bench.steps import bench_config, device_of, make_trainer
-from cspx.data.build import build_eval_loader, build_train_loader, resolve_loader
-from cspx.data.fixed import FixedBatchLoader
+from cspx.data.build import build_eval_loader, build_train_loader
 from cspx.data.index import build_index
 from cspx.distributed import DistEnv
-from cspx.evaluate import evaluate
+from cspx.eval_metrics import evaluate
 from cspx.models import create_model
+from cspx.resolve import resolve_loader
 
 
 def _fresh_loader_runner(make, warmup: int, batches: int, batch: int, device: torch.device):
@@ -49,10 +51,8 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.loaders:
-            kind = resolve_loader(kind, device)
             cfg = bench_config(args, f"data.loader={kind}")
-            make = (lambda kind=kind, cfg=cfg:
-                    build_train_loader(kind, cfg, index, env, args.batch, "fp32", tmp))
+            make = (lambda cfg=cfg: build_train_loader(cfg, index, env, tmp))
             # warm-up covers the deepest prefetch queue: 4 batches per DataLoader worker
             runs[f"{kind} loader"] = _fresh_loader_runner(make, 4 * max(1, args.workers) + 2,
                                                           args.steps, args.batch, device)
@@ -65,13 +65,16 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
 
 
 def validate(args: Namespace) -> Tuple[List[Dict], Dict]:
-    """Evaluation throughput (decode + resize + crop + forward) per loader."""
+    """Evaluation throughput (decode + resize + crop + forward) per loader, set up as validate.py
+    runs it: its kernel settings (cuDNN autotuning on a GPU) and precision (fp32 unless
+    --precision names another)."""
     device = device_of(args)
     index = build_index(args.data, warn=False)
     env = DistEnv(device=device)
+    precision.configure_backends(device, tf32=False)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = create_model(args.model, num_classes=1000).to(device, memory_format=fmt).eval()
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}[args.precision]
+    amp = "fp32" if args.precision == "auto" else args.precision
     rows = []
     for kind in args.loaders:
         kind = resolve_loader(kind, device)

@@ -9,23 +9,23 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision.datasets import ImageFolder
 
+from cspx import precision
 from cspx.bench.common import alternate, median, seconds
-from cspx.checkpoint import CheckpointManager
-from cspx.config import Config, load_config
-from cspx.data.build import build_train_loader, resolve_loader
-from cspx.data.fixed import FixedBatchLoader
+from cspx.bench.fixed import FixedBatchLoader
+from cspx.checkpoint import Checkpointer
+from cspx.config import Config, load_config, with_updates
+from cspx.data.build import build_train_loader
 from cspx.data.index import build_index
 from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, INTERP, RA_BINS, ra_magnitude_bin
 from cspx.distributed import DistEnv
-from cspx.evaluate import autocast_for
 from cspx.models import create_model
-from cspx.optim import build_sgd
-from cspx.run import configure_backends, resolve_precision
+from cspx.optim import build_sgd, lr_for, set_lr
+from cspx.resolve import resolve_loader
 from cspx.runlog import MetricsLog
-from cspx.trainer import AMP_DTYPES, Trainer
+from cspx.train_loop import Trainer
 
 # keys a benchmark overrides so the trainer only trains: no evaluation, checkpoints or events
 QUIET = ["eval.every_steps=0", "checkpoint.every_steps=0", "run.tensorboard=false",
@@ -33,11 +33,20 @@ QUIET = ["eval.every_steps=0", "checkpoint.every_steps=0", "run.tensorboard=fals
 
 
 def bench_config(args: Namespace, *extra: str) -> Config:
+    """The recipe with the benchmark's settings, its auto values resolved as a run would (the
+    benchmark has no dataset to resolve the class count from: 1000)."""
     over = [f"model.name={args.model}", f"train.batch_size={args.batch}",
             f"aug.img_size={args.img_size}", f"train.precision={args.precision}",
             f"model.channels_last={str(args.channels_last).lower()}",
             f"data.workers={args.workers}", *QUIET, *args.set, *extra]
-    return load_config(args.recipe, over, check_paths=False)
+    return resolved(load_config(args.recipe, over, check_paths=False), device_of(args))
+
+
+def resolved(cfg: Config, device: torch.device) -> Config:
+    """cspx.resolve's device, loader and precision for a run without a dataset (1000 classes)."""
+    return with_updates(cfg, run={"device": device.type}, model={"num_classes": 1000},
+                        data={"loader": resolve_loader(cfg.data.loader, device)},
+                        train={"precision": precision.resolve(cfg.train.precision, device)})
 
 
 def device_of(args: Namespace) -> torch.device:
@@ -47,15 +56,15 @@ def device_of(args: Namespace) -> torch.device:
 
 
 def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str) -> Trainer:
-    configure_backends(cfg, device)
+    """The real Trainer on `loader` (a bench_config), writing nothing but into `work_dir`."""
+    precision.configure_backends(device, deterministic=cfg.train.deterministic)
     torch.manual_seed(cfg.seed)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = create_model(cfg.model.name, num_classes=1000).to(device, memory_format=fmt)
     opt = build_sgd(model, cfg.optim, device)
-    precision = resolve_precision(cfg.train.precision, device)
-    t = Trainer(cfg, DistEnv(device=device), model, opt, loader, [], precision,
-                MetricsLog(work_dir, None, False, enabled=False),
-                CheckpointManager(work_dir, 1, False, is_main=True))
+    env = DistEnv(device=device)
+    t = Trainer(cfg, env, model, opt, loader, [], MetricsLog(work_dir, None, False, enabled=False),
+                Checkpointer(work_dir, cfg.checkpoint, env))
     t.wrap()
     return t
 
@@ -67,25 +76,31 @@ def trainer_runner(t: Trainer, steps: int, device: torch.device) -> Callable[[],
 
 
 def bare_runner(cfg: Config, batches, device: torch.device, steps: int) -> Callable[[], float]:
-    """The peer: a plain loop of forward, backward and optimizer.step (torch's default SGD)."""
+    """The peer: a plain loop of forward, backward and optimizer.step, with the trainer's own
+    optimizer (cspx.optim.build_sgd: the same parameter groups and foreach / fused kernels) and
+    LR schedule, so only the loop around them differs."""
     torch.manual_seed(cfg.seed)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = create_model(cfg.model.name, num_classes=1000).to(device, memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
-    amp = AMP_DTYPES[resolve_precision(cfg.train.precision, device)]
+    opt = build_sgd(model, cfg.optim, device)
+    name = precision.of(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.uses_loss_scaling(name))
     it = iter(batches)
+    step = [0]
 
     def run():
         for _ in range(steps):
             x, y = next(it)
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
-            with autocast_for(device, amp):
+            set_lr(opt, lr_for(cfg, step[0]))
+            with precision.autocast(name, device):
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
+            step[0] += 1
     return lambda: seconds(run, device) / steps
 
 
@@ -118,22 +133,26 @@ def _baseline_loader(folder: str, cfg: Config, device: torch.device):
                                 INTERP[a.randaugment_interpolation]))
     tf += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     w = cfg.data.workers
-    dl = DataLoader(ImageFolder(folder, T.Compose(tf)), batch_size=cfg.train.batch_size, shuffle=True,
-                    num_workers=w, pin_memory=device.type == "cuda", drop_last=True,
-                    persistent_workers=w > 0)
-    return itertools.chain.from_iterable(itertools.repeat(dl))
+    data = ImageFolder(folder, T.Compose(tf))
+    # one iterator for the whole benchmark: a sampler that runs epoch after epoch (RandomSampler
+    # draws a fresh permutation per pass over the data), so the workers are never re-spawned and
+    # their prefetch never drains at an epoch boundary, as a careful user would set it up
+    sampler = RandomSampler(data, replacement=False, num_samples=len(data) * 10_000)
+    dl = DataLoader(data, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=w,
+                    pin_memory=device.type == "cuda", drop_last=True, persistent_workers=w > 0,
+                    prefetch_factor=4 if w > 0 else None)
+    return iter(dl)
 
 
 def train(args: Namespace) -> Tuple[List[Dict], Dict]:
     """Full training steps with the real loader vs synthetic data vs the plain-PyTorch baseline."""
     device = device_of(args)
     cfg = bench_config(args, f"data.loader={args.loader}")
-    kind = resolve_loader(cfg.data.loader, device)
+    kind = cfg.data.loader
     index = build_index(args.data, warn=False)
     fixed = FixedBatchLoader.random(args.batch, args.img_size, 1000, device, args.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
-        real = build_train_loader(kind, cfg, index, DistEnv(device=device), args.batch,
-                                  resolve_precision(cfg.train.precision, device), tmp)
+        real = build_train_loader(cfg, index, DistEnv(device=device), tmp)
         runs = {f"cspx ({kind} loader)": trainer_runner(make_trainer(cfg, device, real, tmp), args.steps, device),
                 "cspx (synthetic)": trainer_runner(make_trainer(cfg, device, fixed, tmp), args.steps, device),
                 "baseline (ImageFolder+PIL)": bare_runner(cfg, _baseline_loader(args.data, cfg, device),

@@ -1,4 +1,4 @@
-"""`python train.py --recipe R.yaml [section.key=value ...]` (also the `cspx-train` command)."""
+"""The command line of train.py and `cspx-train`: `--recipe R.yaml [section.key=value ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def _main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     from cspx.config import load_config  # after argparse, so --help is instant
-    from cspx.run import train
+    from cspx.train_setup import train
     cfg = load_config(args.recipe, args.overrides)
     return train(cfg, resume=args.resume, force=args.resume_force, dry_run=args.dry_run,
                  verbose=args.verbose)

@@ -1,4 +1,5 @@
-"""The DALI data path: the same interface as torch_loader's loaders, decoding with DALI.
+"""The DALI data path, at every training step and evaluation: cspx.data.loader's interface,
+decoding with DALI.
 
 On a CUDA device JPEGs are decoded by nvJPEG (`mixed`, with the A100/H100 hardware decoder taking
 `hw_decoder_load` of them) and augmented on the GPU; on a CPU device DALI runs CPU-only
@@ -19,7 +20,18 @@ position after the last batch handed out, not after the batches the pipeline has
 it holds the reader's shuffle state and every random operator's generator state. `state_dict()`
 stores it with the micro-batch count; a new loader given it via `load_state_dict` rebuilds
 the pipeline from it and continues with the exact next batch, augmentations included, also
-across epoch boundaries. The world size, shard and pipeline settings must match (checked).
+across epoch boundaries. The shard and pipeline settings must match (checked). On another
+world size (a forced resume) DALI's order cannot follow: the loader says so and starts afresh.
+
+Output memory. With DALI's default executor the iterator hands out zero-copy views of DALI's
+buffers, freed back to DALI only after torch drops them and DALI's deleter thread has waited for
+the device (cudaDeviceSynchronize from another thread). On a GPU the loaders therefore copy each
+batch into torch-owned memory on torch's current stream and drop DALI's view at once: the
+batch's lifetime is then torch's alone (a backward pass still queued, CUDA graphs, a batch kept
+for the image grid), and no DALI buffer is freed while torch captures a CUDA graph. The copy
+reads and writes one batch: 38.5 MB at batch 128, 224 px, float16, about 30 us at H100 memory
+bandwidth (an estimate; `scripts/benchmark.py loader` measures both ways on a GPU). On the CPU
+there are no streams, and the views are used as they are.
 
 Bad files. DALI cannot skip a file at run time, so files failing the index's quick scan are never
 listed (`index.excluded`), and `bad_files` stays 0: unlike the torch path, nothing is replaced
@@ -31,6 +43,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 from typing import Optional, Tuple
 
@@ -38,9 +51,11 @@ import torch
 
 from cspx.config import AugConfig
 from cspx.data.index import DatasetIndex, cache_dir
+from cspx.data.loader import CountedPosition, check_fits, listing_hash
 from cspx.data.transforms import eval_resize_size, sample_seed
 from cspx.errors import CspxError
 
+log = logging.getLogger("cspx")
 DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 # Version of dali_pipelines.train_pipeline's graph, part of a loader's checkpoint signature: DALI
 # state saved by a graph with other operators does not resume this one. Raise it on such changes.
@@ -87,10 +102,8 @@ def _shard_size(n: int, rank: int, world: int) -> int:
 def _file_list(directory: str, name: str, index: DatasetIndex, label_is_index: bool) -> str:
     """Write (or reuse) the file list; the name carries a hash of its contents (relative paths and
     labels), so concurrent ranks and later runs agree on it without locking."""
-    h = hashlib.sha256(str(label_is_index).encode())
-    for rel, lab in zip(index.files, index.labels.tolist()):
-        h.update(f"{rel}\t{lab}\n".encode())
-    path = os.path.join(directory, f"{name}-{h.hexdigest()[:16]}.txt")
+    digest = listing_hash(index.files, index.labels.tolist(), str(label_is_index))
+    path = os.path.join(directory, f"{name}-{digest}.txt")
     os.makedirs(directory, exist_ok=True)
     if not os.path.exists(path):
         index.write_file_list(path, label_is_index=label_is_index)
@@ -110,12 +123,14 @@ def _reraise(e: RuntimeError):
                     f"use data.loader=torch, which replaces undecodable files") from e
 
 
-def _as_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """DALI gives NHWC when channels_last: the NCHW view of it is channels_last, with no copy."""
-    return x.permute(0, 3, 1, 2) if channels_last else x
+def _images(x: torch.Tensor, channels_last: bool, own: bool) -> torch.Tensor:
+    """DALI's output as the model's NCHW tensor. DALI gives NHWC when channels_last: the NCHW
+    view of it is channels_last, with no copy. own: copy into torch-owned memory (module doc)."""
+    x = x.permute(0, 3, 1, 2) if channels_last else x
+    return x.clone(memory_format=torch.preserve_format) if own else x
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(CountedPosition):
     """Infinite iterator of (images (N,3,H,W) `dtype` on device, labels int64 on device)."""
 
     kind = "dali"
@@ -126,14 +141,12 @@ class DaliTrainLoader:
                  file_list_dir: Optional[str] = None):
         if dtype not in DTYPES:
             raise ValueError(f"DALI loader produces float32 or float16, not {dtype}")
+        check_fits("training", len(index), micro_batch, world, partial=False)
         self.device, self.device_id = device, _device_id(device)
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.workers, self.channels_last = max(1, workers), channels_last
         self.shard_size = _shard_size(len(index), rank, world)
         self.batches_per_epoch = self.shard_size // micro_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(index)} images cannot fill one batch of {micro_batch} x "
-                             f"{world} ranks")
         directory = file_list_dir or os.path.join(cache_dir(), "dali")
         self.params = dict(
             file_root=index.root, file_list=_file_list(directory, "train", index, False),
@@ -159,31 +172,30 @@ class DaliTrainLoader:
         self._checkpoint: Optional[bytes] = None
         self._pipe = self._it = None
 
-    @property
-    def epoch(self) -> float:
-        return self.consumed / self.batches_per_epoch
-
     def state_dict(self) -> dict:
         """Plain types only. The DALI checkpoint (serialized protobuf bytes) is kept as base64
         text, which every torch.load(weights_only=True) since torch 2.4 reads back."""
         ckpt = self._it.checkpoints()[0] if self._it is not None else self._checkpoint
-        return {"kind": self.kind, "consumed": self.consumed, "world": self.world,
-                "rank": self.rank, "signature": self.signature,
+        return {**super().state_dict(), "world": self.world, "rank": self.rank,
+                "signature": self.signature,
                 "checkpoint": base64.b64encode(ckpt or b"").decode("ascii")}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != self.kind:
-            raise ValueError(f"loader state is for {state.get('kind')!r}, not {self.kind!r}")
         if self._it is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
-        if (state.get("world"), state.get("rank")) != (self.world, self.rank):
-            raise ValueError(f"DALI loader state is for rank {state.get('rank')} of "
-                             f"{state.get('world')}, not rank {self.rank} of {self.world}; the "
-                             f"DALI data order cannot move to another world size")
-        if state.get("signature") != self.signature:
-            raise ValueError("DALI loader state comes from a different dataset, batch size, seed "
-                             "or augmentation; it cannot resume this pipeline")
-        self.consumed = int(state["consumed"])
+        if state.get("kind") == self.kind and (state.get("world"), state.get("rank")) != (
+                self.world, self.rank):
+            if self.rank == 0:
+                log.warning(f"DALI loader: the checkpoint's data order is for {state.get('world')} "
+                            f"rank(s), this run has {self.world}; DALI's order cannot move to "
+                            f"another world size, so it starts afresh (a new permutation, "
+                            f"epoch count from 0)")
+            return
+        if state.get("kind") == self.kind and state.get("signature") != self.signature:
+            raise CspxError("checkpoint: its DALI loader state comes from another dataset, batch "
+                            "size, seed, augmentation or cspx version of the DALI graph; it "
+                            "cannot resume this pipeline exactly")
+        super().load_state_dict(state)
         self._checkpoint = base64.b64decode(state["checkpoint"]) or None
 
     def _build(self):
@@ -214,7 +226,7 @@ class DaliTrainLoader:
         except RuntimeError as e:
             _reraise(e)
         self.consumed += 1
-        x = _as_nchw(out["images"], self.channels_last)
+        x = _images(out["images"], self.channels_last, own=self.device_id is not None)
         y = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
         return x, y
 
@@ -240,8 +252,7 @@ class DaliEvalLoader:
     def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str,
                  batch_size: int, rank: int, world: int, workers: int, device: torch.device,
                  channels_last: bool, file_list_dir: Optional[str] = None):
-        if len(index) < world:
-            raise ValueError(f"{len(index)} validation images cannot be shared by {world} ranks")
+        check_fits("validation", len(index), batch_size, world, partial=True)
         self.device, self.device_id = device, _device_id(device)
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.channels_last = channels_last
@@ -287,9 +298,11 @@ class DaliEvalLoader:
                 break
             except RuntimeError as e:
                 _reraise(e)
-            idx = out["positions"].view(-1).to("cpu", torch.int64)
-            labels = self.labels[idx.to(self.labels.device, non_blocking=True)]
-            yield _as_nchw(out["images"], self.channels_last), labels, idx
+            # positions stay where DALI made them (the device, on a GPU): the label lookup is a
+            # gather there, with no copy to or from the host per batch
+            idx = out["positions"].view(-1).to(self.device, torch.int64)
+            own = self.device_id is not None
+            yield _images(out["images"], self.channels_last, own), self.labels[idx], idx
         self._clean = True
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""DALI pipeline graphs for the DALI data path (the loaders that iterate them are in dali_loader).
+"""DALI pipeline graphs, run at every training step and evaluation by the loaders of dali_loader.
 
 Training mirrors `transforms.TrainTransform`: random-resized-crop (fused with decoding) -> rotate
 -> colour jitter -> RandAugment -> flip + normalize. The flip is applied last, by
@@ -35,11 +35,17 @@ INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
           "nearest": types.INTERP_NN}
 # torchvision's RandAugment translates by up to 150/331 of the image side (DALI defaults 100/224)
 RA_MAX_TRANSLATE_REL = 150.0 / 331.0
-# nvJPEG scratch sizes that fit the largest ImageNet training JPEG (about 6000 x 6400 px), so
-# the GPU decoder allocates once at start-up and never reallocates (and grows) mid-run. Bytes.
-DEVICE_MEMORY_PADDING = 211_025_920
-HOST_MEMORY_PADDING = 140_544_512
-PREALLOCATE_WIDTH, PREALLOCATE_HEIGHT = 5980, 6430
+# nvJPEG buffers preallocated per decoder thread, in bytes, sized for ImageNet JPEGs (median
+# about 110 KB, 400 x 350 px): DALI preallocates two pinned host buffers of HOST_MEMORY_PADDING
+# and one device buffer of DEVICE_MEMORY_PADDING per thread. 8 MiB of pinned memory holds the
+# Huffman-decoded coefficients of a 2.8 Mpx 4:2:0 image (3 B/px), far above ImageNet's typical
+# image; 64 MiB of device memory decodes about 10 Mpx. The rare larger image grows a buffer once
+# (nvJPEG keeps it; memory then stays flat). Per training pipeline at 8 threads: 128 MiB pinned
+# host memory, 512 MiB device memory (docs/dali.md). The sizes NVIDIA's ResNet-50 example uses
+# (134 MiB pinned, 201 MiB device per thread, for the largest ImageNet image) would pin 2.1 GiB
+# per pipeline, 17 GiB on an 8-GPU node. Evaluation runs rarely: no preallocation at all.
+DEVICE_MEMORY_PADDING = 64 << 20
+HOST_MEMORY_PADDING = 8 << 20
 
 MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]  # DALI normalizes uint8 0..255 values
 STD_255 = [255.0 * s for s in IMAGENET_STD]
@@ -86,9 +92,7 @@ def train_pipeline(file_root: str, file_list: str, shard_id: int, num_shards: in
     if mixed:
         dec.update(device="mixed", hw_decoder_load=hw_decoder_load,
                    device_memory_padding=DEVICE_MEMORY_PADDING,
-                   host_memory_padding=HOST_MEMORY_PADDING,
-                   preallocate_width_hint=PREALLOCATE_WIDTH,
-                   preallocate_height_hint=PREALLOCATE_HEIGHT)
+                   host_memory_padding=HOST_MEMORY_PADDING)
         labels = labels.gpu()
     images = fn.decoders.image_random_crop(jpegs, **dec)
     images = fn.resize(images, size=[img_size, img_size], interp_type=INTERP[interpolation],
@@ -174,9 +178,9 @@ def eval_pipeline(file_root: str, file_list: str, shard_id: int, num_shards: int
     jpegs, positions = _reader(file_root, file_list, shard_id, num_shards, False, 0)
     dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False)
     if mixed:  # PIL (libjpeg) upsamples chroma with the "fancy" filter; nvJPEG does not by default
-        dec.update(device="mixed", jpeg_fancy_upsampling=True,
-                   device_memory_padding=DEVICE_MEMORY_PADDING,
-                   host_memory_padding=HOST_MEMORY_PADDING)
+        dec.update(device="mixed", jpeg_fancy_upsampling=True, device_memory_padding=0,
+                   host_memory_padding=0)
+        positions = positions.gpu()  # labels are gathered on the device (DaliEvalLoader)
     images = fn.decoders.image(jpegs, **dec)
     shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=False)  # HWC
     out_h, out_w = torchvision_resize_shorter(shape[0], shape[1], resize_size)

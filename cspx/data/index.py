@@ -1,4 +1,5 @@
-"""The dataset index: which files exist, their labels, and which are excluded as unreadable.
+"""The dataset index, at the start of a run and of validate.py: which files exist, their labels,
+and which are excluded as unreadable.
 
 Both loaders (torch and DALI) consume the same `DatasetIndex`, so label k means the same wnid in
 both. Labels come from a synset list when one is given (`data.classes` / `--classes`): line k of
@@ -14,15 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from cspx.data import scan
+from cspx.data.loader import listing_hash
 from cspx.errors import CspxError
+from cspx.files import atomic_write
 
 log = logging.getLogger("cspx")
 
@@ -54,6 +58,10 @@ class DatasetIndex:
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.files[i])
 
+    def fingerprint(self) -> str:
+        """Identity of the contents as training sees them: files, labels and class list."""
+        return listing_hash(self.files, self.labels.tolist(), "\n".join(self.classes))
+
     def subset(self, n: int) -> "DatasetIndex":
         """The first n files (sorted order); for `--limit`."""
         return DatasetIndex(self.root, self.classes, self.files[:n], self.labels[:n], self.excluded)
@@ -61,11 +69,9 @@ class DatasetIndex:
     def write_file_list(self, path: str, label_is_index: bool = False) -> None:
         """DALI `file_list`: one 'relative/path label' per line. With label_is_index the second
         column is the sample's position in this index (used to recover paths and to map labels)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i, (rel, lab) in enumerate(zip(self.files, self.labels.tolist())):
-                f.write(f"{rel} {i if label_is_index else lab}\n")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(f"{rel} {i if label_is_index else lab}\n" for i, (rel, lab)
+                                   in enumerate(zip(self.files, self.labels.tolist()))),
+                     durable=False)
 
 
 def read_classes_file(path: str) -> List[str]:
@@ -125,19 +131,31 @@ def _cached_listing(root: str, wnids: Sequence[str], workers: int) -> Dict:
     except (OSError, ValueError):
         pass
     files = _list_files(root, wnids)
-    verdicts = scan.scan_files(root, files, deep=False, workers=workers)
+    verdicts = scan.scan_files(root, files, deep=False, workers=workers,
+                               progress=_Progress(f"{root}: quick scan", len(files)))
     bad = {rel: r for rel, r in verdicts.items() if r is not None}
     entry = {"version": CACHE_VERSION, "root": os.path.abspath(root), "stamp": stamp,
              "files": files, "bad": bad}
     try:  # the cache is an optimisation: a read-only home must not stop a run
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(entry, f)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(entry), durable=False)
     except OSError:
         pass
     return entry
+
+
+class _Progress:
+    """A scan's progress as a log line every 30 s (large datasets on slow storage)."""
+
+    def __init__(self, what: str, total: int, every: float = 30.0):
+        self.what, self.total, self.every = what, total, every
+        self.done, self.last = 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            log.info(f"{self.what}: {self.done:,} of {self.total:,} files checked")
 
 
 def build_index(root: str, classes: Optional[Sequence[str]] = None,

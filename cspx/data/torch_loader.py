@@ -1,4 +1,5 @@
-"""The torch data path: PIL decoding in DataLoader workers, sharded by rank, resumable.
+"""The torch data path, at every training step and evaluation: PIL decoding in DataLoader
+workers, sharded by rank, resumable.
 
 Order. Epoch e is a permutation of the index drawn from (seed, e). Optimizer step s over all ranks
 consumes consecutive global micro-batches of `micro_batch * world` images; rank r takes slice r of
@@ -10,6 +11,12 @@ The last `n mod (micro_batch * world)` images of each permutation are left out o
 Bad files. The index already excludes files failing the quick scan; a file that still fails to
 decode is named in a warning, counted, and replaced by the next file of the index, with the
 original sample's random seed, so a run never crashes and stays deterministic.
+
+Generators. Every DataLoader gets a generator of its own: a DataLoader draws its workers' base
+seed from its generator each time an iterator is made, and with the default (torch's global
+generator) a resumed run, which makes its iterators at other steps, would leave the global
+generator in another state than an uninterrupted run. Augmentations never use the workers'
+seeds (each sample is seeded from (seed, epoch, index)), so this changes no pixel.
 """
 from __future__ import annotations
 
@@ -21,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from cspx.config import AugConfig
 from cspx.data.index import DatasetIndex
+from cspx.data.loader import CountedPosition, check_fits
 from cspx.data.transforms import (TrainTransform, eval_transform, load_rgb, mean_std, normalize_,
                                   sample_seed, seeded)
+from cspx.errors import CspxError
 
 log = logging.getLogger("cspx")
 MAX_REPLACEMENTS = 16
@@ -51,8 +60,9 @@ class TrainDataset(Dataset):
             with seeded(sample_seed(self.seed, epoch, i)):
                 x = self.transform(img)
             return x, int(self.index.labels[j]), attempt
-        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive files failed to decode near "
-                           f"{self.index.path(i)}; run scripts/check_dataset.py")
+        raise CspxError(f"{MAX_REPLACEMENTS} consecutive files failed to decode near "
+                        f"{self.index.path(i)}; run scripts/check_dataset.py and set "
+                        f"data.exclude to the list it writes")
 
 
 class EvalDataset(Dataset):
@@ -80,9 +90,8 @@ class EpochBatchSampler:
 
     def __init__(self, n: int, micro_batch: int, rank: int, world: int, seed: int, start: int = 0):
         self.n, self.mb, self.rank, self.world, self.seed = n, micro_batch, rank, world, seed
+        check_fits("training", n, micro_batch, world, partial=False)
         self.batches_per_epoch = n // (micro_batch * world)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{n} images cannot fill one batch of {micro_batch} x {world} ranks")
         self.start = start
 
     def permutation(self, epoch: int) -> torch.Tensor:
@@ -113,28 +122,33 @@ def _collate(batch):
 def _loader(dataset, workers: int, pin: bool, **kw) -> DataLoader:
     if workers > 0:
         kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
-    return DataLoader(dataset, num_workers=workers, pin_memory=pin, collate_fn=_collate, **kw)
+    # its own generator, never torch's global one (module docstring); seeded only to be fixed
+    return DataLoader(dataset, num_workers=workers, pin_memory=pin, collate_fn=_collate,
+                      generator=torch.Generator().manual_seed(0), **kw)
 
 
 class DeviceFeeder:
-    """Moves uint8 batches to the device and normalizes them there, into the layout the model
-    wants. On CUDA the copy runs on a side stream one batch ahead, overlapping compute."""
+    """Moves uint8 batches to the device and normalizes them there (in float32, then `dtype`),
+    into the layout the model wants. On CUDA the copy runs on a side stream one batch ahead,
+    overlapping compute."""
 
-    def __init__(self, device: torch.device, channels_last: bool):
-        self.device = device
+    def __init__(self, device: torch.device, channels_last: bool,
+                 dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = device, dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean, self.std = mean_std(device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
+    def _convert(self, x: torch.Tensor, y: torch.Tensor, non_blocking: bool):
+        x = normalize_(x.to(self.device, non_blocking=non_blocking), self.mean, self.std)
+        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=non_blocking)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         if self.stream is None:
-            x = normalize_(x.to(self.device), self.mean, self.std)
-            return x.contiguous(memory_format=self.memory_format), y.to(self.device)
+            return self._convert(x, y, False)
         with torch.cuda.stream(self.stream):
-            x = normalize_(x.to(self.device, non_blocking=True), self.mean, self.std)
-            x = x.contiguous(memory_format=self.memory_format)
-            y = y.to(self.device, non_blocking=True)
-        return x, y
+            return self._convert(x, y, True)
 
     def sync(self, x: torch.Tensor, y: torch.Tensor):
         """Make the current stream wait for a batch made by __call__ before using it."""
@@ -146,39 +160,19 @@ class DeviceFeeder:
         return x, y
 
 
-class CountedPosition:
-    """A training loader whose whole position is the number of micro-batches handed out
-    (`consumed`); subclasses set `kind` and `batches_per_epoch`."""
-
-    kind = ""
-    consumed = 0
-    batches_per_epoch = 1
-
-    @property
-    def epoch(self) -> float:
-        return self.consumed / self.batches_per_epoch
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != self.kind:
-            raise ValueError(f"loader state is for {state.get('kind')!r}, not {self.kind!r}")
-        self.consumed = int(state["consumed"])
-
-
 class TorchTrainLoader(CountedPosition):
     """Infinite iterator of (images float NCHW on device, labels int64 on device)."""
 
     kind = "torch"
 
     def __init__(self, index: DatasetIndex, aug: AugConfig, seed: int, micro_batch: int,
-                 rank: int, world: int, workers: int, device: torch.device, channels_last: bool):
+                 rank: int, world: int, workers: int, device: torch.device, channels_last: bool,
+                 dtype: torch.dtype = torch.float32):
         self.dataset = TrainDataset(index, aug, seed)
         self.sampler = EpochBatchSampler(len(index), micro_batch, rank, world, seed)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.workers, self.device = workers, device
-        self.feeder = DeviceFeeder(device, channels_last)
+        self.feeder = DeviceFeeder(device, channels_last, dtype)
         self.consumed = 0          # micro-batches handed to the training loop
         self.bad_files = 0         # decode failures replaced so far (this process)
         self._it: Optional[Iterator] = None
@@ -187,10 +181,13 @@ class TorchTrainLoader(CountedPosition):
     def load_state_dict(self, state: dict) -> None:
         if self._it is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # the position is global: any world size continues it
 
     def _fetch(self):
-        x, y, replaced = next(self._it)
+        try:
+            x, y, replaced = next(self._it)
+        except CspxError as e:  # from a worker: the message carries the worker's traceback
+            raise CspxError(str(e).strip().splitlines()[-1].split("CspxError: ", 1)[-1]) from None
         self.bad_files += int(replaced.sum())  # a CPU tensor: no device sync
         return self.feeder(x, y)
 
@@ -243,3 +240,6 @@ class TorchEvalLoader:
         for x, y, idx in self._dl:
             x, y = self.feeder.sync(*self.feeder(x, y))
             yield x, y, idx
+
+    def close(self) -> None:
+        self._dl = None  # its persistent workers exit with it

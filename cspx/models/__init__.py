@@ -1,6 +1,7 @@
 """Model family: `create_model(name)` builds any entry of the config table in cspnet.py."""
-from cspx.models.cspnet import CspConfig, CspNet, create_model, list_models, model_config
+from cspx.models.cspnet import (CspConfig, CspNet, EvalPreset, create_model, eval_preset,
+                                list_models, model_config)
 from cspx.models.layers import convert_sync_batchnorm
 
-__all__ = ["CspConfig", "CspNet", "convert_sync_batchnorm", "create_model", "list_models",
-           "model_config"]
+__all__ = ["CspConfig", "CspNet", "EvalPreset", "convert_sync_batchnorm", "create_model",
+           "eval_preset", "list_models", "model_config"]

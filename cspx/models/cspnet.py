@@ -32,6 +32,17 @@ PerStage = Union[Num, Tuple[Num, ...]]
 
 
 @dataclass(frozen=True)
+class EvalPreset:
+    """How a model is evaluated by default (its card's protocol), as timm's pretrained configs
+    keep it beside each model: the shorter side is resized to floor(img_size / crop_pct) with
+    `interpolation`, then centre-cropped to img_size (px). Recipes and validate.py flags that
+    are null / not given take these values."""
+    img_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
 class CspConfig:
     """One architecture. Per-stage fields take a tuple (one value per stage) or a scalar; a
     shorter tuple is padded with its last value, as in timm, so `stride=(1, 2)` means 1, 2, 2, 2."""
@@ -53,6 +64,8 @@ class CspConfig:
     norm: str = "batchnorm"       # "groupnorm": per-sample normalisation (batch-split invariant)
     zero_init_last: bool = True   # last BN gamma of every block = 0: blocks start as identity
     note: str = ""                # one-line description of the table entry
+    # evaluation protocol; 224 px, crop 0.875, bilinear is cspresnext50's model card (80.05 top-1)
+    eval_preset: EvalPreset = EvalPreset()
 
     def __post_init__(self):
         for name in ("depth", "out_chs"):  # lists (e.g. from YAML) become tuples: hashable
@@ -102,7 +115,8 @@ MODELS: Dict[str, CspConfig] = {
         stem_chs=16, stem_kernel=7, stem_stride=2, stem_pool=True,
         depth=(1, 1, 2, 1), out_chs=(32, 64, 128, 256), stride=(1, 2), groups=8,
         expand_ratio=1.0, bottle_ratio=1.0, block_ratio=0.5, cross_linear=True,
-        note="narrow, shallow cspresnext50 for tests and the CPU demo (not a timm model)"),
+        note="narrow, shallow cspresnext50 for tests and the CPU demo (not a timm model)",
+        eval_preset=EvalPreset(img_size=64)),  # the demo's resolution
     # cspresnext_tiny with GroupNorm(8) in place of BatchNorm: no statistics shared across the
     # samples of a batch, so 2 ranks x 4 images, 4 micro-batches x 2 and 1 x 8 compute the same
     # step (up to summation order). Used to test distributed training and accumulation.
@@ -276,6 +290,11 @@ def model_config(name: str) -> CspConfig:
     if name not in MODELS:
         raise CspxError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return MODELS[name]
+
+
+def eval_preset(name: str) -> EvalPreset:
+    """The default evaluation protocol of model `name`."""
+    return model_config(name).eval_preset
 
 
 _MODEL_ARGS = ("in_chans", "drop_rate")

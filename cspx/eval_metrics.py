@@ -1,4 +1,5 @@
-"""Top-1 / top-5 / loss over a validation loader, exact across ranks.
+"""Evaluation metrics, used by the training loop and by validate.py: top-1 / top-5 / loss over an
+evaluation loader, exact across ranks.
 
 Each rank evaluates its own disjoint share (no padding, uneven shares allowed) and keeps running
 sums on the device; one all-reduce at the end adds them up. Counts are integers in int64 and the
@@ -8,28 +9,22 @@ float64 summation order).
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cspx import precision
+from cspx.data.loader import EvalLoader
 from cspx.distributed import DistEnv, all_reduce_sum
 
 # on_batch(indices (N,) int64 CPU, labels (N,), top-k indices (N, k), top-k probabilities (N, k))
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def autocast_for(device: torch.device, dtype: Optional[torch.dtype]):
-    """autocast context for bf16/fp16, or a no-op for fp32 (dtype None)."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, env: DistEnv, amp_dtype: Optional[torch.dtype] = None,
+def evaluate(model: nn.Module, loader: EvalLoader, env: DistEnv, precision_name: str = "fp32",
              on_batch: Optional[BatchHook] = None, progress=None) -> Dict[str, float]:
     """Returns {'top1', 'top5' (percent), 'loss' (mean CE), 'count', 'failed', 'seconds'}.
 
@@ -45,7 +40,7 @@ def evaluate(model: nn.Module, loader: Iterable, env: DistEnv, amp_dtype: Option
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()
     for images, labels, indices in loader:
-        with autocast_for(device, amp_dtype):
+        with precision.autocast(precision_name, device):
             logits = model(images)
         logits = logits.float()
         valid = labels >= 0

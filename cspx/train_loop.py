@@ -1,65 +1,41 @@
-"""The training loop: one path for every precision, device and world size.
+"""Stage 2 of a training run, the loop: optimizer steps, logging, evaluation and checkpoints, one
+path for every precision, device and world size.
 
-Checkpointed parts (model, optimizer, scaler, EMA, progress, loader, RNG) each expose
-state_dict()/load_state_dict(); `Trainer.state_dict()` assembles them into one checkpoint of
-plain tensors and Python values.
-
-The hot loop never reads a device value back to the host: the loss is summed on the device and
-read every `run.log_every_steps` steps, and the stop vote is a host-side collective.
+The parts a checkpoint holds (model, optimizer, GradScaler, EMA, progress; per rank the RNGs
+and the loader) each expose state_dict()/load_state_dict(); `cspx.checkpoint.Checkpointer`
+decides the layout and when to save. The hot loop never reads a device value back to the host:
+the loss is summed on the device and read every `run.log_every_steps` steps, and the stop vote
+is a host-side collective.
 """
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cspx.checkpoint import FORMAT, FORMAT_VERSION, CheckpointManager
+from cspx import precision
+from cspx.checkpoint import Checkpointer
 from cspx.config import Config
-from cspx.distributed import DistEnv, StopVote, all_gather_objects, broadcast_buffers
+from cspx.data.loader import EvalLoader, TrainLoader
+from cspx.distributed import DistEnv, StopVote, broadcast_buffers
 from cspx.ema import ModelEma
-from cspx.evaluate import autocast_for, evaluate
-from cspx.optim import lr_at, set_lr
+from cspx.errors import CspxError
+from cspx.eval_metrics import evaluate
+from cspx.optim import lr_for, set_lr
+from cspx.rng import RngState
 from cspx.runlog import MetricsLog
 from cspx.signals import Preemption
 
 log = logging.getLogger("cspx")
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def seed_all(seed: int) -> None:
-    """Seed every generator a run may draw from: Python, NumPy, torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device) -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -70,113 +46,110 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
 class Progress:
     """Schedule position and the running loss window, so logs continue exactly on resume."""
 
-    def __init__(self) -> None:
+    FIELDS = ("step", "micro_step", "images", "best_top1", "best_step")
+
+    def __init__(self, device: torch.device, loader: TrainLoader):
         self.step = 0              # optimizer steps done
         self.micro_step = 0        # micro-batches into the current accumulation (0 between steps)
         self.images = 0            # training images consumed, over all ranks
         self.best_top1: Optional[float] = None
         self.best_step: Optional[int] = None
+        self.loss_sum = torch.zeros((), device=device)  # sum of micro-batch mean losses
+        self.loss_n = 0
+        self._loader = loader
 
     def state_dict(self) -> Dict[str, Any]:
-        return dict(vars(self))
+        ld = self._loader
+        return {**{k: getattr(self, k) for k in self.FIELDS},
+                # informational: completed epochs and micro-batches into the current one (the
+                # loader's own state is what resumes the data order)
+                "epoch": int(ld.epoch), "epoch_position": round(ld.epoch % 1 * ld.batches_per_epoch),
+                "loss_sum": float(self.loss_sum), "loss_n": self.loss_n}
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
         if s.get("micro_step", 0) != 0:
-            raise ValueError("checkpoint was taken inside a gradient accumulation")
-        for k in vars(self):
+            raise CspxError("checkpoint: taken inside a gradient accumulation, which cspx never "
+                            "does; the file is not from this version of cspx")
+        for k in self.FIELDS:
             setattr(self, k, s[k])
+        self.loss_sum.fill_(s.get("loss_sum", 0.0))
+        self.loss_n = s.get("loss_n", 0)
 
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 train_loader, eval_loader, precision: str, metrics: MetricsLog,
-                 ckpt: CheckpointManager, extra_state: Optional[Dict[str, Any]] = None):
+                 train_loader: TrainLoader, eval_loader: EvalLoader, metrics: MetricsLog,
+                 ckpt: Checkpointer):
         self.cfg, self.env = cfg, env
         self.model = model                     # the plain module: checkpoints, eval, EMA source
         self.optimizer = optimizer
         self.loader, self.eval_loader = train_loader, eval_loader
-        self.precision, self.amp_dtype = precision, AMP_DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+        self.precision = precision.of(cfg)
+        self.scaler = torch.amp.GradScaler(env.device.type,
+                                           enabled=precision.uses_loss_scaling(self.precision))
         self.ema = ModelEma(model, cfg.ema.decay) if cfg.ema.enabled else None
         self.metrics, self.ckpt = metrics, ckpt
-        self.extra_state = extra_state or {}   # config, fingerprint, provenance: saved as is
-        self.progress = Progress()
+        self.progress = Progress(env.device, train_loader)
+        self.rng = RngState(env.device)
         self.preemption = Preemption()
         self.vote = StopVote(env)
         self.forward_model: nn.Module = model  # replaced by wrap(): DDP and/or compiled
-        self._loss_sum = torch.zeros((), device=env.device)  # sum of micro-batch mean losses
-        self._loss_n = 0
         self._window = (time.perf_counter(), 0)  # (time, images) at the last log
         self._pending = None                     # a batch taken early for the image grid
 
     # ----- setup ------------------------------------------------------------------------------
     def wrap(self) -> None:
-        """DistributedDataParallel, then torch.compile; self.model stays the plain module."""
+        """DistributedDataParallel, then torch.compile; self.model stays the plain module.
+
+        broadcast_buffers=False: DDP would otherwise broadcast rank 0's BatchNorm statistics
+        before every forward pass; cspx broadcasts them once before each evaluation instead,
+        which is the only place the ranks' statistics are used."""
         m: nn.Module = self.model
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            m = nn.parallel.DistributedDataParallel(m, device_ids=ids, gradient_as_bucket_view=True)
+            m = nn.parallel.DistributedDataParallel(m, device_ids=ids, gradient_as_bucket_view=True,
+                                                    broadcast_buffers=False)
         if self.cfg.model.compile:
-            m = torch.compile(m)
+            m = torch.compile(m, mode=self.cfg.model.compile_mode)
         self.forward_model = m
 
     # ----- checkpoint -------------------------------------------------------------------------
+    def parts(self):
+        """(shared parts, per-rank parts) as the checkpoint layout names them."""
+        shared = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
+                  "ema": self.ema, "progress": self.progress}
+        return shared, {"rng": self.rng, "loader": self.loader}
+
     def state_dict(self) -> Dict[str, Any]:
         """The whole run state; a collective (gathers every rank's RNG and loader state)."""
-        ranks: List[Dict[str, Any]] = all_gather_objects(
-            {"rng": rng_state(self.env.device), "loader": self.loader.state_dict()}, self.env)
-        p = self.progress
-        return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "progress": {**p.state_dict(),
-                             # informational: completed epochs and micro-batches into the current
-                             # one (the loader state below is what resumes the data order)
-                             "epoch": int(self.loader.epoch),
-                             "epoch_position": round(self.loader.epoch % 1 * self.loader.batches_per_epoch),
-                             "loss_sum": float(self._loss_sum), "loss_n": self._loss_n},
-                "world_size": self.env.world,
-                "ranks": ranks, **self.extra_state}
+        return self.ckpt.snapshot(*self.parts())
 
-    def load_state_dict(self, state: Dict[str, Any], restore_ranks: bool = True) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
-            else:
-                log.warning("checkpoint has no EMA weights: EMA starts from the current weights")
-        self.progress.load_state_dict({k: state["progress"][k] for k in vars(self.progress)})
-        self._loss_sum.fill_(state["progress"].get("loss_sum", 0.0))
-        self._loss_n = state["progress"].get("loss_n", 0)
-        if restore_ranks:
-            mine = state["ranks"][self.env.rank]
-            self.loader.load_state_dict(mine["loader"])
-            set_rng_state(mine["rng"], self.env.device)
+    def load_state_dict(self, state: Dict[str, Any], same_world: bool = True,
+                        force: bool = False) -> None:
+        missing = self.ckpt.restore(state, *self.parts(), same_world=same_world, force=force)
+        if "ema" in missing:
+            log.warning("checkpoint has no EMA weights: EMA starts from the checkpoint's weights")
+            self.ema.copy_from(self.model)
 
     def save(self, best: bool = False, blocking: bool = False) -> None:
-        state = self.state_dict()
-        self.ckpt.save(state, self.progress.step, best=best, blocking=blocking)
+        self.ckpt.save(self.state_dict(), self.progress.step, best=best, blocking=blocking)
 
     # ----- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> None:
-        t = self.cfg.train
-        s = self.cfg.sched
-        set_lr(self.optimizer, lr_at(self.progress.step, self.cfg.optim.lr, t.steps, s.power, s.burn_in))
+        t, p = self.cfg.train, self.progress
+        set_lr(self.optimizer, lr_for(self.cfg, p.step))
         for micro in range(t.accum_steps):
-            self.progress.micro_step = micro
+            p.micro_step = micro
             images, labels = self._next_batch()
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = micro == t.accum_steps - 1 or not self.env.distributed
             with nullcontext() if sync else self.forward_model.no_sync():
-                with autocast_for(self.env.device, self.amp_dtype):
+                with precision.autocast(self.precision, self.env.device):
                     logits = self.forward_model(images)
                     loss = training_loss(logits, labels, t.label_smoothing)
                 self.scaler.scale(loss / t.accum_steps).backward()
-            self._loss_sum += loss.detach()
-        self.progress.micro_step = 0
+            p.loss_sum += loss.detach()
+        p.micro_step = 0
         if t.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
@@ -185,9 +158,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        self._loss_n += t.accum_steps
-        self.progress.step += 1
-        self.progress.images += t.batch_size
+        p.loss_n += t.accum_steps
+        p.step += 1
+        p.images += t.batch_size
 
     def _next_batch(self):
         if self._pending is not None:
@@ -222,7 +195,6 @@ class Trainer:
             self.vote.finish()
             self.preemption.restore()
             bar.close()
-            self.ckpt.close()
 
     def _loop(self, bar, until: int) -> bool:
         cfg, p = self.cfg, self.progress
@@ -238,8 +210,7 @@ class Trainer:
             if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total:
                 best = self.run_eval()
             stopped = self.vote.poll(self.preemption.requested)
-            periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-            if periodic or best or stopped or step == total:
+            if self.ckpt.due(step, total, best=best, stopping=stopped):
                 self.save(best=best, blocking=stopped or step == total)
             self.ckpt.check()
             if stopped:
@@ -248,13 +219,13 @@ class Trainer:
 
     def _log_train(self, bar) -> None:
         p = self.progress
-        loss = (self._loss_sum / max(self._loss_n, 1)).item()  # the log-interval host sync
+        loss = (p.loss_sum / max(p.loss_n, 1)).item()  # the log-interval host sync
         now = time.perf_counter()
         t0, images0 = self._window
         ips = (p.images - images0) / max(now - t0, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
-        self._loss_sum.zero_()
-        self._loss_n = 0
+        p.loss_sum.zero_()
+        p.loss_n = 0
         self._window = (now, p.images)
         bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.4g} {ips:.0f} img/s ep {self.loader.epoch:.2f}")
         self.metrics.write("train", p.step, {"loss": loss, "lr": lr, "img_per_sec": ips,
@@ -269,7 +240,13 @@ class Trainer:
             if module is None:
                 continue
             broadcast_buffers(module, self.env)  # every rank evaluates rank 0's BN statistics
-            results[name] = r = evaluate(module, self.eval_loader, self.env, self.amp_dtype)
+            try:
+                results[name] = r = evaluate(module, self.eval_loader, self.env, self.precision)
+            except OOM:
+                bs = self.cfg.eval.batch_size
+                raise CspxError(f"out of memory during evaluation on {self.env.device} with "
+                                f"eval.batch_size={bs} images per rank; lower it (e.g. "
+                                f"eval.batch_size={max(1, bs // 2)})") from None
             self.metrics.write(name, p.step, {k: r[k] for k in ("top1", "top5", "loss", "count")})
             log.info(f"step {p.step}: {name} top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% "
                      f"loss {r['loss']:.4f} ({r['count']} images, {r['seconds']:.1f} s)")

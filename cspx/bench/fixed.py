@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from cspx.data.torch_loader import CountedPosition
+from cspx.data.loader import CountedPosition
 
 
 class FixedBatchLoader(CountedPosition):

@@ -1,0 +1,103 @@
+"""What validate.py runs: a checkpoint (cspx's or timm's) evaluated on a dataset folder, with the
+metrics printed and optionally written as JSON and per-image predictions as CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from argparse import Namespace
+from typing import Any, Dict, List
+
+import torch
+from tqdm import tqdm
+
+from cspx import distributed, precision
+from cspx.data.build import build_eval_loader
+from cspx.data.index import build_index, read_classes_file, resolve_split_dir
+from cspx.data.scan import read_exclude_file
+from cspx.errors import CspxError
+from cspx.eval_metrics import evaluate
+from cspx.files import atomic_write
+from cspx.models import eval_preset
+from cspx.resolve import resolve_loader
+from cspx.runlog import setup_console
+from cspx.weights import build_model_from_checkpoint
+
+log = logging.getLogger("cspx")
+
+
+def run(args: Namespace) -> Dict[str, Any]:
+    env = distributed.init(args.device)
+    try:
+        return _run(args, env)
+    finally:
+        distributed.destroy()
+
+
+def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
+    setup_console(env.is_main, args.verbose)
+    precision.configure_backends(env.device, tf32=False)
+    split_dir = resolve_split_dir(args.data_dir, "val")
+    classes = read_classes_file(args.classes) if args.classes else None
+    exclude = read_exclude_file(args.exclude) if args.exclude else None
+    index = build_index(split_dir, classes, exclude, workers=max(4, args.workers), warn=env.is_main)
+    if args.limit:
+        index = index.subset(args.limit)
+    kind = resolve_loader(args.loader, env.device)
+    model, info = build_model_from_checkpoint(args.checkpoint, args.model, args.ema)
+    if (info["num_classes"] or 1000) < index.num_classes:
+        raise CspxError(f"{args.checkpoint}: has {info['num_classes']} classes but the data has "
+                        f"{index.num_classes}; pass --classes to map folders to its label indices")
+    preset = eval_preset(info["model_name"])
+    img_size = args.img_size or preset.img_size
+    crop_pct = args.crop_pct or preset.crop_pct
+    interpolation = args.interpolation or preset.interpolation
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(env.device, memory_format=fmt).eval()
+    loader = build_eval_loader(kind, index, img_size, crop_pct, interpolation, args.batch_size,
+                               env, args.workers, args.channels_last)
+    rows: List[tuple] = []
+
+    def keep(indices, labels, top_idx, top_prob):
+        for i, y, ti, tp in zip(indices.tolist(), labels.tolist(), top_idx.tolist(), top_prob.tolist()):
+            rows.append((i, y, ti, tp))
+
+    bar = tqdm(total=loader.num_samples, unit="img", disable=not env.is_main, dynamic_ncols=True)
+    r = evaluate(model, loader, env, args.precision, on_batch=keep if args.predictions else None,
+                 progress=bar)
+    bar.close()
+    loader.close()
+    result = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "count": r["count"],
+              "images_per_sec": r["count"] / max(r["seconds"], 1e-9), "failed": r["failed"],
+              "excluded": len(index.excluded),
+              "settings": {"checkpoint": os.path.abspath(args.checkpoint), "model": info["model_name"],
+                           "data_dir": os.path.abspath(split_dir), "img_size": img_size,
+                           "crop_pct": crop_pct, "interpolation": interpolation,
+                           "batch_size": args.batch_size, "workers": args.workers,
+                           "device": str(env.device), "world_size": env.world,
+                           "precision": args.precision, "channels_last": args.channels_last,
+                           "loader": kind, "classes": args.classes, "limit": args.limit,
+                           "ema": args.ema}}
+    if args.predictions:
+        all_rows = distributed.all_gather_objects(rows, env)
+        if env.is_main:
+            _write_predictions(args.predictions, index, sorted(x for part in all_rows for x in part))
+    if env.is_main:
+        print(f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  loss {result['loss']:.4f}  "
+              f"images {result['count']}  {result['images_per_sec']:.1f} img/s"
+              + (f"  ({r['failed']} failed to decode)" if r["failed"] else ""), flush=True)
+        if args.json:
+            atomic_write(args.json, json.dumps(result, indent=2))
+    return result
+
+
+def _write_predictions(path: str, index, rows) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "top5", "top5_prob"])
+    for i, _, top, prob in rows:
+        w.writerow([index.files[i], int(index.labels[i]), " ".join(map(str, top)),
+                    " ".join(f"{p:.6f}" for p in prob)])
+    atomic_write(path, buf.getvalue())

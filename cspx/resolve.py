@@ -1,0 +1,70 @@
+"""Stage 1 of a training run (setup): every `auto` and derived value of a recipe, resolved once.
+
+The config `resolve` returns is the single truth of a run: it is what the run prints, saves as
+config.yaml and checkpoints, and what every later stage reads. No resolved value travels beside
+it. Resolved here:
+  run.device          auto -> cuda or cpu (the device distributed.init picked for this rank)
+  data.loader         auto -> dali where DALI imports and can use the device, else torch
+  train.precision     auto -> bf16 / fp16 on GPUs, fp32 on CPUs (cspx.precision)
+  model.num_classes   null -> the training set's class count
+  eval.img_size, eval.crop_pct, eval.interpolation   null -> the model's evaluation preset
+"""
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import torch
+
+from cspx import precision
+from cspx.config import Config, micro_batch, with_updates
+from cspx.data.index import DatasetIndex
+from cspx.data.loader import check_fits
+from cspx.distributed import DistEnv
+from cspx.errors import CspxError
+from cspx.models import eval_preset
+
+log = logging.getLogger("cspx")
+
+
+def resolve_loader(pref: str, device: torch.device) -> str:
+    """'auto' -> 'dali' when DALI imports (and can use the device), else 'torch' with a notice;
+    an explicit 'dali' that cannot run is an error, never a silent fallback."""
+    if pref == "torch":
+        return "torch"
+    from cspx.data.dali_loader import dali_available
+    ok, reason = dali_available(device)
+    if ok:
+        return "dali"
+    if pref == "dali":
+        raise CspxError(f"data.loader: dali is not available ({reason})")
+    log.info(f"data loader: torch (DALI not available: {reason})")
+    return "torch"
+
+
+def resolve(cfg: Config, env: DistEnv, data: Tuple[DatasetIndex, DatasetIndex]) -> Config:
+    """The config with every auto/null value above filled in, after checking that the data
+    suits it (class count, at least one batch per rank)."""
+    train, val = data
+    num_classes = cfg.model.num_classes or train.num_classes
+    if num_classes < train.num_classes:
+        raise CspxError(f"model.num_classes: {num_classes} is less than the dataset's "
+                        f"{train.num_classes} classes")
+    preset = eval_preset(cfg.model.name)
+    e = cfg.eval
+    cfg = with_updates(
+        cfg, run={"device": env.device.type},
+        data={"loader": resolve_loader(cfg.data.loader, env.device)},
+        train={"precision": precision.resolve(cfg.train.precision, env.device)},
+        model={"num_classes": num_classes},
+        eval={"img_size": e.img_size or preset.img_size, "crop_pct": e.crop_pct or preset.crop_pct,
+              "interpolation": e.interpolation or preset.interpolation})
+    check_fits("training", len(train), micro_batch(cfg, env.world), env.world, partial=False)
+    check_fits("validation", len(val), cfg.eval.batch_size, env.world, partial=True)
+    t, s = cfg.train, cfg.sched
+    if s.burn_in >= t.steps and env.is_main:
+        from cspx.optim import lr_for
+        log.warning(f"sched.burn_in={s.burn_in} >= train.steps={t.steps}: the run ends inside "
+                    f"burn-in (its last step has LR {lr_for(cfg, t.steps - 1):.4g} of "
+                    f"optim.lr={cfg.optim.lr:g})")
+    return cfg
