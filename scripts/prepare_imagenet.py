@@ -27,131 +27,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import errno
 import os
-import re
 import shutil
 import sys
 import tarfile
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 
-from cspx.data.index import IMG_EXTENSIONS  # noqa: E402
+# the readers of the downloads, shared with scripts/make_shards.py (GROUND_TRUTH and
+# read_synset_map are used by the tests through this module)
+from cspx.data.imagenet_sources import (GROUND_TRUTH, csv_labels, devkit_labels,  # noqa: E402,F401
+                                        name_lines, plan_val, read_synset_map, train_jobs)
+from cspx.data.imagenet_sources import list_images as _images  # noqa: E402
+from cspx.data.imagenet_sources import open_tar as _open_tar  # noqa: E402
+from cspx.data.imagenet_sources import wnid_dirs as _class_dirs  # noqa: E402
 from cspx.errors import CspxError, run_cli  # noqa: E402
 
-WNID = re.compile(r"^n\d{8}$")
 FULL = {"train": 1281167, "val": 50000, "classes": 1000, "val_per_class": 50}
 STATE = ".prepare"
-GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
-
-
-def _images(folder: str) -> List[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_file() and not e.name.startswith(".")
-                      and e.name.lower().endswith(IMG_EXTENSIONS))
-
-
-def _class_dirs(folder: str) -> List[str]:
-    if not os.path.isdir(folder):
-        return []
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and WNID.match(e.name))
-
-
-def _open_tar(path: str, what: str) -> tarfile.TarFile:
-    try:
-        return tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise CspxError(f"{path}: cannot read {what} as a tar ({e})") from None
-
-
-def _name_lines(path: str) -> Dict[str, str]:
-    """{wnid: name} from 'wnid name...' lines (synsets.txt, LOC_synset_mapping.txt)."""
-    with open(path, "r", encoding="utf-8") as f:
-        return {p[0]: p[1].strip() for p in (ln.split(None, 1) for ln in f) if len(p) == 2}
-
-
-def read_synset_map(path: str) -> Tuple[Dict[int, str], Dict[str, str]]:
-    """'ID wnid [name]' lines, or 'wnid [name]' lines in ILSVRC class-ID order."""
-    with open(path, "r", encoding="utf-8") as f:
-        rows = [ln.split(None, 2) if ln.split()[0].isdigit() else [None] + ln.split(None, 1)
-                for ln in f if ln.strip()]
-    id2wnid, names = {}, {}
-    for k, row in enumerate(rows, 1):
-        wnid = row[1] if len(row) > 1 else ""
-        if not WNID.match(wnid):
-            raise CspxError(f"{path}: line {k}: expected a wnid like n01440764, found {wnid!r}")
-        id2wnid[k if row[0] is None else int(row[0])] = wnid
-        if len(row) > 2:
-            names[wnid] = row[2].strip()
-    order = [w for _, w in sorted(id2wnid.items())]
-    if rows and rows[0][0] is None and len(order) == FULL["classes"] and order == sorted(order):
-        # The real class-ID order is not alphabetical (ID 1 is n02119789); a sorted list such as
-        # LOC_synset_mapping.txt would silently give most val images the wrong label.
-        raise CspxError(f"{path}: wnids are in sorted order, not ILSVRC class-ID order; give "
-                        f"'ILSVRC_ID wnid' lines")
-    return id2wnid, names
-
-
-def read_meta_mat(path: str) -> Tuple[Dict[int, str], Dict[str, str]]:
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise CspxError(f"{path}: reading meta.mat needs scipy (pip install scipy); or pass "
-                        f"--synset-map FILE ('ILSVRC_ID wnid' lines)") from None
-    try:
-        import numpy as np
-        synsets = np.atleast_1d(loadmat(path, squeeze_me=True)["synsets"])
-        leaves = [s for s in synsets if int(s["num_children"]) == 0]  # the 1000 classes
-        return ({int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves},
-                {str(s["WNID"]): str(s["words"]) for s in leaves})
-    except Exception as e:  # loadmat raises several types on a damaged or foreign file
-        raise CspxError(f"{path}: not an ILSVRC2012 meta.mat ({type(e).__name__}: {e})") from None
-
-
-def _devkit_file(devkit: str, name: str) -> str:
-    """The file anywhere under the devkit folder (its data/ holds both, however it was unpacked)."""
-    if not os.path.isdir(devkit):
-        raise CspxError(f"{devkit}: devkit folder does not exist (unpack the devkit tar first)")
-    for d, _, files in os.walk(devkit):
-        if name in files:
-            return os.path.join(d, name)
-    raise CspxError(f"{devkit}: no {name} in the devkit"
-                    + ("; or pass --synset-map FILE" if name == "meta.mat" else ""))
-
-
-def devkit_labels(devkit: str, synset_map: Optional[str]) -> Tuple[Dict[str, str], Dict[str, str]]:
-    """({'ILSVRC2012_val_00000001': wnid, ...}, {wnid: name})."""
-    with open(_devkit_file(devkit, GROUND_TRUTH), "r", encoding="utf-8") as f:
-        gt = f.read().split()
-    source = synset_map or _devkit_file(devkit, "meta.mat")
-    id2wnid, names = read_synset_map(source) if synset_map else read_meta_mat(source)
-    labels = {}
-    for k, tok in enumerate(gt, 1):
-        if not tok.isdigit() or int(tok) not in id2wnid:
-            raise CspxError(f"{GROUND_TRUTH}: line {k}: class ID {tok!r} is not in {source}")
-        labels[f"ILSVRC2012_val_{k:08d}"] = id2wnid[int(tok)]
-    return labels, names
-
-
-def csv_labels(path: str) -> Tuple[Dict[str, str], Dict[str, str]]:
-    """Kaggle LOC_val_solution.csv: 'ImageId,PredictionString' (the string starts with the wnid)."""
-    labels: Dict[str, str] = {}
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        for k, row in enumerate(csv.reader(f), 1):
-            if not row or (k == 1 and row[0] == "ImageId"):
-                continue
-            wnid = row[1].split()[0] if len(row) > 1 and row[1].split() else ""
-            if not WNID.match(wnid):
-                raise CspxError(f"{path}: line {k}: expected 'ImageId,wnid ...', found "
-                                f"{','.join(row)[:60]!r}")
-            labels[row[0].strip()] = wnid
-    mapping = os.path.join(os.path.dirname(os.path.abspath(path)), "LOC_synset_mapping.txt")
-    return labels, _name_lines(mapping) if os.path.isfile(mapping) else {}
 
 
 def _tmp(dst: str) -> str:
@@ -211,33 +108,6 @@ def _do_class(job: Tuple, out: str, mode: str) -> int:
     return added
 
 
-def train_jobs(src: str) -> List[Tuple]:
-    """(wnid, class folder or <wnid>.tar or the train tar, TarInfo of <wnid>.tar in it or None)."""
-    jobs: Dict[str, Tuple] = {}
-    if os.path.isdir(src):
-        for e in sorted(os.scandir(src), key=lambda e: e.name):
-            is_tar = e.name.endswith(".tar") and e.is_file()
-            stem = e.name[:-4] if is_tar else e.name
-            # a class tar wins over a folder of the same class: the tar is complete by design
-            if WNID.match(stem) and (is_tar or (e.is_dir() and stem not in jobs)):
-                jobs[stem] = (stem, e.path, None)
-        if not jobs:
-            raise CspxError(f"{src}: expected <wnid>.tar files or <wnid>/ folders in it")
-    elif os.path.isfile(src):
-        with _open_tar(src, "the train tar") as t:
-            for m in (m for m in t.getmembers() if m.isfile()):
-                name = os.path.basename(m.name)
-                if not (name.endswith(".tar") and WNID.match(name[:-4])):
-                    raise CspxError(f"{src}: expected one <wnid>.tar per class "
-                                    f"(ILSVRC2012_img_train.tar), found {m.name!r}")
-                jobs[name[:-4]] = (name[:-4], src, m)
-        if not jobs:
-            raise CspxError(f"{src}: the train tar holds no <wnid>.tar members")
-    else:
-        raise CspxError(f"{src}: train tar or folder does not exist")
-    return [jobs[w] for w in sorted(jobs)]
-
-
 def prepare_train(jobs: List[Tuple], out: str, mode: str) -> int:
     def done(w: str) -> bool:  # marked done, and no image removed since
         try:
@@ -253,33 +123,6 @@ def prepare_train(jobs: List[Tuple], out: str, mode: str) -> int:
             bar.update(1)
             bar.set_postfix(images=added)
     return added
-
-
-def plan_val(src: str, labels: Dict[str, str], known: Iterable[str], label_src: str) -> Tuple:
-    """([(file name, TarInfo or source path)], val tar or None, {file name: wnid}); a missing or
-    unknown label fails here, before anything is written."""
-    tar_path: Optional[str] = None
-    if os.path.isdir(src):
-        items: List[Tuple[str, object]] = [(n, os.path.join(src, n)) for n in _images(src)]
-    elif os.path.isfile(src):
-        with _open_tar(src, "the val tar") as t:
-            members = [m for m in t.getmembers() if m.isfile()]
-        for m in members:
-            if "/" in m.name.strip("./") or not m.name.lower().endswith(IMG_EXTENSIONS):
-                raise CspxError(f"{src}: expected flat ILSVRC2012_val_*.JPEG files "
-                                f"(ILSVRC2012_img_val.tar), found {m.name!r}")
-        items, tar_path = [(os.path.basename(m.name), m) for m in members], src
-    else:
-        raise CspxError(f"{src}: val tar or folder does not exist")
-    known_set, where = set(known), {}
-    for name, _ in items:
-        wnid = labels.get(os.path.splitext(name)[0])
-        if wnid is None:
-            raise CspxError(f"{label_src}: no label for val image {name}")
-        if known_set and wnid not in known_set:
-            raise CspxError(f"{label_src}: labels {name} as {wnid}, which is not a train class")
-        where[name] = wnid
-    return items, tar_path, where
 
 
 def prepare_val(plan: Tuple, out: str, mode: str) -> int:
@@ -303,7 +146,7 @@ def prepare_val(plan: Tuple, out: str, mode: str) -> int:
 def write_synsets(out: str, names: Dict[str, str]) -> str:
     """OUT/synsets.txt in sorted-wnid order; names from an earlier run stay when none are given."""
     path = os.path.join(out, "synsets.txt")
-    names = {**(_name_lines(path) if os.path.isfile(path) else {}), **names}
+    names = {**(name_lines(path) if os.path.isfile(path) else {}), **names}
     wnids = sorted(set(_class_dirs(os.path.join(out, "train"))) |
                    set(_class_dirs(os.path.join(out, "val"))))
     with open(path + ".part", "w", encoding="utf-8") as f:

@@ -6,9 +6,11 @@ Two depths share one report format, a dict {relative path: reason}:
   run time, from dying on a bad JPEG days into a run.
 - `deep_check` decodes the whole image with PIL. `scripts/check_dataset.py` runs it over a dataset
   with several processes and writes the exclusion list that the loaders read (`data.exclude`).
+  `check_bytes` is the same check of an image held in memory (scripts/make_shards.py).
 """
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor, ProcessPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -36,6 +38,20 @@ def sniff_format(head: bytes) -> Optional[str]:
     return None
 
 
+def _verdict(size: int, head: bytes, tail: bytes) -> Optional[str]:
+    """quick_check's rule from a file's size, first 16 and last TAIL_BYTES bytes."""
+    if size == 0:
+        return "empty file"
+    fmt = sniff_format(head)
+    if fmt is None:
+        return "not an image (unknown signature)"
+    if fmt == "jpeg" and JPEG_EOI not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "png" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
 def quick_check(path: str) -> Optional[str]:
     """None if the file looks like a complete image, else a short reason."""
     try:
@@ -48,31 +64,36 @@ def quick_check(path: str) -> Optional[str]:
             tail = f.read(TAIL_BYTES)
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
-    fmt = sniff_format(head)
-    if fmt is None:
-        return "not an image (unknown signature)"
-    if fmt == "jpeg" and JPEG_EOI not in tail:
-        return "truncated JPEG (no end-of-image marker)"
-    if fmt == "png" and b"IEND" not in tail:
-        return "truncated PNG (no IEND chunk)"
-    return None
+    return _verdict(size, head, tail)
 
 
-def deep_check(path: str) -> Dict[str, object]:
-    """Decode fully with PIL. Returns {'reason': str|None, 'format', 'mode', 'width', 'height'}."""
+def _decode(source, info: Dict[str, object]) -> Dict[str, object]:
+    """Decode `source` (a path or a binary file object) fully with PIL, filling `info`."""
     from PIL import Image
 
-    info: Dict[str, object] = {"reason": quick_check(path), "format": None, "mode": None,
-                               "width": 0, "height": 0}
-    if info["reason"] is not None:
-        return info
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             info.update(format=im.format, mode=im.mode, width=im.width, height=im.height)
             im.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays False)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         info["reason"] = f"decode failed ({type(e).__name__}: {e})"
     return info
+
+
+def deep_check(path: str) -> Dict[str, object]:
+    """Decode fully with PIL. Returns {'reason': str|None, 'format', 'mode', 'width', 'height'}."""
+    info: Dict[str, object] = {"reason": quick_check(path), "format": None, "mode": None,
+                               "width": 0, "height": 0}
+    return info if info["reason"] is not None else _decode(path, info)
+
+
+def check_bytes(data: bytes) -> Optional[str]:
+    """deep_check of an image held in memory (a tar member, a shard sample): None if it is
+    complete and decodes, else the reason, in the words quick_check and deep_check use."""
+    reason = _verdict(len(data), data[:16], data[-TAIL_BYTES:])
+    if reason is not None:
+        return reason
+    return _decode(io.BytesIO(data), {"reason": None})["reason"]  # type: ignore[return-value]
 
 
 def _quick(args: Tuple[str, str]) -> Tuple[str, Optional[str]]:
