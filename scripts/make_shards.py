@@ -283,9 +283,9 @@ class SplitJob:
     def run(self) -> List[dict]:
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.state, exist_ok=True)
-        remove_stale_temps(self.dir)
-        remove_stale_temps(self.state)
-        remove_stale_temps(self.out, (MANIFEST, SYNSETS, MARKER))
+        remove_stale_temps(self.dir, lambda name: True)    # our own folders inside OUT
+        remove_stale_temps(self.state, lambda name: True)
+        remove_stale_temps(self.out, lambda name: name in (MANIFEST, SYNSETS, MARKER))
         recs = self.records()
         done = sum(r["end"] - r["start"] for r in recs)
         with tqdm(total=len(self.items), initial=done, unit="img", desc=self.split) as bar:
