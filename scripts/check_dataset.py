@@ -15,7 +15,9 @@ folders without images.
 
 --write-exclude FILE writes the exclusion list: one 'wnid/file<TAB>reason' per line, the path
 relative to the split folder, so one list serves train and val. Point a recipe at it with
-data.exclude. --json FILE writes the whole report.
+data.exclude. It replaces a list this script wrote earlier; any other existing FILE (a list made
+by hand, say) is refused unless --force is given. --json FILE writes the whole report (an
+existing FILE is overwritten: that is the flag's job).
 
 exit status: 0 clean; 1 some files belong in the exclusion list; 2 bad input (one line on stderr).
 """
@@ -28,13 +30,12 @@ import statistics
 import sys
 from typing import Dict, List, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from cspx.data import scan  # noqa: E402
-from cspx.data.index import IMG_EXTENSIONS  # noqa: E402
-from cspx.errors import CspxError, run_cli  # noqa: E402
+from cspx.data import scan
+from cspx.data.index import IMG_EXTENSIONS
+from cspx.errors import CspxError, run_cli
+from cspx.files import atomic_write, check_writable
 
 CATEGORIES = ("bad", "cmyk", "misnamed", "tiny")
 # what each extension promises, as PIL names formats
@@ -169,8 +170,12 @@ def main(argv: Sequence[str]) -> int:
                    help="report images whose shorter side is below PX (default: %(default)s)")
     p.add_argument("--exclude-tiny", action="store_true",
                    help="also put tiny images into the exclusion list")
-    p.add_argument("--write-exclude", metavar="FILE", help="write the exclusion list here")
-    p.add_argument("--json", metavar="FILE", help="write the full report as JSON here")
+    p.add_argument("--write-exclude", metavar="FILE", help="write the exclusion list here "
+                   "(replaces only a list this script wrote; see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="let --write-exclude replace a file this script did not write")
+    p.add_argument("--json", metavar="FILE", help="write the full report as JSON here (an "
+                   "existing file is overwritten)")
     p.add_argument("--show", type=int, default=20, metavar="N",
                    help="files listed per category (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
@@ -178,6 +183,8 @@ def main(argv: Sequence[str]) -> int:
     if a.workers < 1 or a.min_size < 0:
         raise CspxError("--workers must be >= 1 and --min-size >= 0")
     root = os.path.abspath(os.path.expanduser(a.root))
+    if a.write_exclude:  # before the long decode pass: refuse early, touch nothing
+        check_writable(a.write_exclude, "--write-exclude", a.force, scan.is_written_exclude_file)
     splits = find_splits(root, a.split or "")
     report = {"root": root, "min_size": a.min_size, "exclude_tiny": a.exclude_tiny, "splits": {}}
     for name, folder in splits.items():
@@ -194,8 +201,7 @@ def main(argv: Sequence[str]) -> int:
                 f"recipes point here with data.exclude"))
             report["exclude_file"] = os.path.abspath(a.write_exclude)
         if a.json:
-            with open(a.json, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=1)
+            atomic_write(a.json, json.dumps(report, indent=1))
     except OSError as e:
         raise CspxError(f"{e.filename}: cannot write ({e.strerror or e})") from e
     print_report(report, a.show)

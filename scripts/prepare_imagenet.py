@@ -16,8 +16,10 @@ val labels (one of):
   hardlink  a second name for the same data: no extra space, same filesystem only
   symlink   a link to the absolute source path, which must then stay where it is
 
-Interrupted? Run the same command again: files are written under a temp name and renamed, and a
-train class is marked done (OUT/.prepare/<wnid>.done) only once all its files are in place.
+OUT must be a new or empty folder, or one this script made earlier (it holds OUT/.prepare/):
+anything else is refused untouched. Interrupted? Run the same command again: files are written
+under a temp name and renamed, and a train class is marked done (OUT/.prepare/<wnid>.done) only
+once all its files are in place.
 Counts are checked at the end (1,281,167 train, 50,000 val, 1000 classes, 50 val images per class;
 --expect-* for a subset, --no-verify to skip). OUT/synsets.txt lists the wnids sorted, which is the
 ILSVRC2012 class-index order timm and torchvision use (line k is label k), with names when known.
@@ -34,21 +36,21 @@ import sys
 import tarfile
 from typing import Dict, List, Sequence, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
 # the readers of the downloads, shared with scripts/make_shards.py (GROUND_TRUTH and
 # read_synset_map are used by the tests through this module)
-from cspx.data.imagenet_sources import (GROUND_TRUTH, csv_labels, devkit_labels,  # noqa: E402,F401
+from cspx.data.imagenet_sources import (GROUND_TRUTH, csv_labels, devkit_labels,  # noqa: F401
                                         name_lines, plan_val, read_synset_map, train_jobs)
-from cspx.data.imagenet_sources import list_images as _images  # noqa: E402
-from cspx.data.imagenet_sources import open_tar as _open_tar  # noqa: E402
-from cspx.data.imagenet_sources import wnid_dirs as _class_dirs  # noqa: E402
-from cspx.errors import CspxError, run_cli  # noqa: E402
+from cspx.data.imagenet_sources import list_images as _images
+from cspx.data.imagenet_sources import open_tar as _open_tar
+from cspx.data.imagenet_sources import wnid_dirs as _class_dirs
+from cspx.errors import CspxError, run_cli
+from cspx.files import claim_folder
 
 FULL = {"train": 1281167, "val": 50000, "classes": 1000, "val_per_class": 50}
 STATE = ".prepare"
+MARKER = ".cspx-prepare"  # OUT was made by this script (older runs: STATE is there)
 
 
 def _tmp(dst: str) -> str:
@@ -206,7 +208,9 @@ def main(argv: Sequence[str]) -> int:
         jobs = train_jobs(a.train) if a.train else []
         known = {j[0] for j in jobs} | set(_class_dirs(os.path.join(out, "train")))
         plan = plan_val(a.val, labels, known, a.devkit or a.val_csv) if a.val else None
-        os.makedirs(out, exist_ok=True)
+        claim_folder(out, MARKER, "prepared ImageNet folder", "--out",
+                     "Choose a new or empty folder for --out.",
+                     adopt=lambda path: os.path.isdir(os.path.join(path, STATE)))
         if jobs:
             added["train"] = prepare_train(jobs, out, a.mode)
         if plan is not None:

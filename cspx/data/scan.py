@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, ProcessPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from cspx.errors import CspxError
+from cspx.files import atomic_write
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -149,15 +150,22 @@ def read_exclude_file(path: str) -> Dict[str, str]:
     return out
 
 
+EXCLUDE_SIGNATURE = "# written by scripts/check_dataset.py"
+
+
 def write_exclude_file(path: str, bad: Dict[str, str], header: str = "") -> None:
-    """Write an exclusion list atomically (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        if header:
-            f.write("".join(f"# {h}\n" for h in header.splitlines()))
-        for rel in sorted(bad):
-            f.write(f"{rel}\t{bad[rel]}\n")
-    os.replace(tmp, path)
+    """Write an exclusion list atomically. Its first line is EXCLUDE_SIGNATURE, by which a later
+    run recognises a list it may replace (a hand-made list is never overwritten)."""
+    lines = [EXCLUDE_SIGNATURE + "\n"] + [f"# {h}\n" for h in header.splitlines()]
+    atomic_write(path, "".join(lines + [f"{rel}\t{bad[rel]}\n" for rel in sorted(bad)]))
+
+
+def is_written_exclude_file(path: str) -> bool:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == EXCLUDE_SIGNATURE
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def summarize(bad: Dict[str, str], limit: int = 5) -> str:
