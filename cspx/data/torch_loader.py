@@ -218,6 +218,7 @@ class TorchEvalLoader:
     def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str,
                  batch_size: int, rank: int, world: int, workers: int, device: torch.device,
                  channels_last: bool):
+        check_fits("validation", len(index), batch_size, world, partial=True)
         self.dataset = EvalDataset(index, img_size, crop_pct, interpolation)
         self.indices = list(range(rank, len(index), world))
         self.batch_size, self.workers, self.device = batch_size, workers, device
