@@ -9,12 +9,15 @@
   overhead    the trainer's step time vs a bare loop on the same model, batch and tensors
   checkpoint  saving model + SGD momentum + EMA: cspx's atomic writer vs a bare torch.save
   augment     each RandAugment op's CPU cost per image, DALI vs torchvision on PIL (--batch images)
+  memory      host memory (trainer + workers) at every epoch boundary of a long train.py run,
+              per loader (default recipe: the demo; --epochs, default 30)
 
 Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
   python scripts/benchmark.py loader --data ../shared/imagenet-sample/val --workers 2
   python scripts/benchmark.py train --make-data 2000 --model cspresnext_tiny --img-size 128
   python scripts/benchmark.py checkpoint --out-dir /data/runs/bench
+  python scripts/benchmark.py memory --epochs 30 --workers 2
 """
 from __future__ import annotations
 
@@ -43,9 +46,9 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "validate", "overhead",
-                                    "checkpoint", "augment"])
-    p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml"),
-                   help="augmentations, optimizer and loss come from here")
+                                    "checkpoint", "augment", "memory"])
+    p.add_argument("--recipe", help="augmentations, optimizer and loss come from here (default: "
+                   "recipes/cspresnext50_ra.yaml; the memory mode: recipes/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set aug.randaugment_ops=0 (repeatable)")
     p.add_argument("--model", default="cspresnext50")
@@ -68,9 +71,13 @@ def parse(argv):
     p.add_argument("--channels-last-grid", type=bools, default=[False, True], metavar="{on,off,both}")
     p.add_argument("--compile-grid", type=bools, default=[False], metavar="{on,off,both}")
     p.add_argument("--out-dir", help="checkpoint mode: the disk to write to (default: a temp dir)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--epochs", type=int, default=30, help="memory mode: epochs per loader")
+    p.add_argument("--timeout", type=float, default=3600, help="memory mode: seconds per loader")
+    p.add_argument("--json", help="write the results here (an existing file is overwritten)")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
+    a.recipe_given = a.recipe is not None
+    a.recipe = a.recipe or os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml")
     import torch
     if a.channels_last is None:
         a.channels_last = a.device != "cpu" and torch.cuda.is_available()
@@ -97,13 +104,13 @@ def _data(args):
 def main(argv):
     args = parse(argv)
     import torch
-    from cspx.bench import augment, common, io, steps
+    from cspx.bench import augment, common, io, memory, steps
     from cspx.runlog import provenance, format_provenance
     if args.mode in ("loader", "train", "baseline", "validate", "augment"):
         args.data = _data(args)
     fn = {"model": steps.model, "overhead": steps.overhead, "train": steps.train,
           "baseline": steps.train, "loader": io.loader, "validate": io.validate,
-          "checkpoint": io.checkpoint, "augment": augment.augment}[args.mode]
+          "checkpoint": io.checkpoint, "augment": augment.augment, "memory": memory.memory}[args.mode]
     dev = steps.device_of(args)
     prov = provenance(dev)
     print("benchmark " + args.mode + "\n" + format_provenance(prov), file=sys.stderr)
