@@ -54,6 +54,13 @@ def kill_after_checkpoint(proc, run_dir, min_step, timeout=240):
     return out
 
 
+def wait_first_checkpoint(proc, run_dir, timeout=240):
+    deadline = time.time() + timeout
+    while not steps_saved(run_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None and steps_saved(run_dir), "the run ended before its first checkpoint"
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -155,9 +162,7 @@ def test_sigterm_saves_and_exits_0_then_resumes_exactly(demo_data, reference, wo
     ref = reference("data.workers=0")
     run_dir = fresh_run_dir(workdir)
     proc = start(recipe_args(run_dir, demo_data, "data.workers=0"))
-    deadline = time.time() + 240
-    while not steps_saved(run_dir) and time.time() < deadline:
-        time.sleep(0.02)
+    wait_first_checkpoint(proc, run_dir)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
@@ -176,12 +181,13 @@ def test_second_job_on_a_live_run_dir_is_refused(demo_data, reference, workdir):
     ref = reference("data.workers=0")
     run_dir = fresh_run_dir(workdir)
     first = start(recipe_args(run_dir, demo_data, "data.workers=0"))
-    deadline = time.time() + 240
-    while not steps_saved(run_dir) and time.time() < deadline:
-        time.sleep(0.02)
-    assert first.poll() is None, "the first job ended before the second one started"
-    second = run_py(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"],
-                    timeout=120)
+    wait_first_checkpoint(first, run_dir)
+    first.send_signal(signal.SIGSTOP)  # paused, so it surely still holds run.dir meanwhile
+    try:
+        second = run_py(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"],
+                        timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     line = second.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: run.dir: {re.escape(run_dir)} is in use by another cspx job "
