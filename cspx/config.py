@@ -1,4 +1,5 @@
-"""The recipe schema: one dataclass per YAML section, validated in `__post_init__`.
+"""The recipe schema, read before a run starts: one dataclass per YAML section, validated in
+`__post_init__`.
 
 Each key is documented in the recipe files (recipes/*.yaml) and in docs/recipes.md. Every value is
 consumed in exactly one place; `grep -rn "cfg.<section>.<key>" cspx` finds it.

@@ -1,4 +1,5 @@
-"""Typed YAML config machinery: sections are dataclasses, every key is checked at load.
+"""Reading a recipe, before a run starts: typed YAML whose sections are dataclasses, every key
+checked at load.
 
 A recipe is a YAML mapping whose top-level keys are the root dataclass's fields; a field whose type
 is a dataclass is a section, and its keys are that dataclass's fields. Unknown keys (with a

@@ -1,4 +1,5 @@
-"""Process-group setup from torchrun's environment, and the few collectives the trainer needs.
+"""Several processes, from setup to the end of a run: the process group from torchrun's
+environment, and the few collectives setup, the loop and evaluation need.
 
 Without torchrun (no WORLD_SIZE in the environment) everything here degrades to single-process
 no-ops, so the training loop has one code path.

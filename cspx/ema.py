@@ -1,4 +1,5 @@
-"""Exponential moving average of the model's weights, updated after every optimizer step."""
+"""The loop's weight average: an exponential moving average of the model's weights, updated
+after every optimizer step."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
-"""User-facing errors and the command-line wrapper that turns them into one line and exit code 2."""
+"""Errors at any stage: user-facing errors, and the command-line wrapper that turns them into one
+line and exit code 2."""
 from __future__ import annotations
 
 import sys

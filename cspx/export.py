@@ -1,4 +1,5 @@
-"""Export a trained model to ONNX, TorchScript or torch.export, check each file against PyTorch,
+"""After training, scripts/export.py's work: a trained model exported to ONNX, TorchScript or
+torch.export, each file checked against PyTorch,
 and describe the preprocessing the exported model expects.
 
 Exporters, chosen to behave the same on torch 2.4 through 2.14:

@@ -1,4 +1,5 @@
-"""Learning-rate schedule and the SGD optimizer, as darknet defines them for CSPNet."""
+"""The optimizer, built at setup and stepped by the loop: the learning-rate schedule and SGD, as
+darknet defines them for CSPNet."""
 from __future__ import annotations
 
 import inspect

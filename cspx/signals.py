@@ -1,4 +1,5 @@
-"""Preemption signals: ask the training loop to save and exit at the next optimizer step.
+"""Preemption during the loop: signals ask the training loop to save and exit at the next
+optimizer step.
 
 SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's --signal warning before preemption) and SIGINT
 (Ctrl-C) only set a flag: the loop finishes the step in flight, checkpoints, prints the resume

@@ -1,4 +1,5 @@
-"""Read model weights from any file the project meets, safely, and load them into a model.
+"""Weights files, at setup (model.init_from) and in validate.py and export: read any file the
+project meets, safely, and load it into a model.
 
 Accepted files (all read with `torch.load(weights_only=True)`, which refuses pickled code):
   * cspx training checkpoints: {"format": "cspx-checkpoint", "model": ..., "ema": ... or None}

@@ -1,4 +1,4 @@
-"""Timing and reporting shared by the benchmark modes."""
+"""Benchmarks (scripts/benchmark.py): timing and reporting shared by the modes."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""A loader that serves one pre-made batch forever: the synthetic-data side of benchmarks.
+"""Benchmarks (scripts/benchmark.py): a loader that serves one pre-made batch forever, the
+synthetic-data side of the comparisons.
 
 It has the training-loader interface, so the real Trainer runs on it unchanged and any time it
 spends beyond the bare forward/backward/step is the trainer's own overhead.

@@ -1,4 +1,5 @@
-"""Forward FLOPs of one image, counted by PyTorch's own FlopCounterMode.
+"""Benchmarks (the model mode's TFLOP/s) and tests: forward FLOPs of one image, counted by
+PyTorch's own FlopCounterMode.
 
 The counter counts only matrix work: convolutions (2 * MACs: one multiply and one add per
 weight tap per output element) and matmul/addmm (the fc). BatchNorm, activations, pooling,

@@ -1,4 +1,4 @@
-"""Data and disk benchmarks: `loader`, `validate`, `checkpoint`."""
+"""Benchmarks (scripts/benchmark.py) of data and disk: `loader`, `validate`, `checkpoint`."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
-"""Training-step benchmarks: `model`, `overhead`, `train` (with `baseline` in the same run)."""
+"""Benchmarks (scripts/benchmark.py) of training steps: `model`, `overhead`, `train` (with
+`baseline` in the same run)."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,5 @@
-"""Find image files that would crash a decoder: empty, truncated, or not an image at all.
+"""Image files that would crash a decoder (empty, truncated, not an image), found at the start
+of a run (quick scan) and by scripts/check_dataset.py (full decode).
 
 Two depths share one report format, a dict {relative path: reason}:
 - `quick_check` reads the first and last bytes of a file (no decode). It runs before every

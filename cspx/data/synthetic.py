@@ -1,4 +1,5 @@
-"""A small, learnable, synthetic dataset of real JPEG files in ImageNet layout, for the demo.
+"""The demo's dataset, generated at the start of its first run: a small, learnable, synthetic
+set of real JPEG files in ImageNet layout.
 
 Class k is a shape (circle, square, triangle, ...) in a hue band of its own, drawn at a random
 position, size and rotation over a noisy background of random colour, with JPEG artefacts. Shape

@@ -1,4 +1,5 @@
-"""PIL transforms for the torch data path, and the on-device normalization both paths share.
+"""Per-image work of every training step and evaluation: PIL transforms for the torch data path,
+and the on-device normalization both paths share.
 
 Transforms end in uint8 CHW tensors: a batch crosses to the GPU as 1 byte per value (4x less than
 float32) and is normalized there by `normalize_`, with exactly the arithmetic of torchvision's

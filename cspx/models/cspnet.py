@@ -1,4 +1,5 @@
-"""The CSPNet family as data: a table of frozen configs and one builder.
+"""The model, built at setup and by the tools: the CSPNet family as data, a table of frozen
+configs (with each model's evaluation preset) and one builder.
 
 Cross Stage Partial networks (Wang et al., 2019, arXiv:1911.11929) split each stage's feature map
 in two along channels: one half runs through the stage's residual blocks, the other skips them,

@@ -1,4 +1,5 @@
-"""Building blocks shared by the CSP models, named and ordered as timm's so state_dicts match."""
+"""The model's building blocks, shared by the CSP models, named and ordered as timm's so
+state_dicts match."""
 from __future__ import annotations
 
 import math
