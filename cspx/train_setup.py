@@ -87,7 +87,7 @@ def _run(cfg: Config, env: DistEnv, resume: Optional[str], force: bool, dry_run:
     epochs = cfg.train.steps * cfg.train.batch_size / len(data[0])
     log.info(f"training {cfg.model.name} for {cfg.train.steps} steps ({epochs:.2f} epochs) of "
              f"{cfg.train.batch_size} images on {env.world} x {env.device} "
-             f"({cfg.train.precision}, {cfg.data.loader} loader)")
+             f"({precision.of(cfg)}, {cfg.data.loader} loader)")
     finished = trainer.fit()
     return _finish(cfg, env, run, trainer, finished)
 
@@ -199,7 +199,7 @@ def validate_command(cfg: Config, run: RunDir) -> str:
             "--data-dir", os.path.abspath(os.path.expanduser(d.root)),
             "--loader", d.loader, "--img-size", str(e.img_size), "--crop-pct", str(e.crop_pct),
             "--interpolation", e.interpolation, "--batch-size", str(e.batch_size),
-            "--precision", cfg.train.precision, "--device", cfg.run.device,
+            "--precision", precision.of(cfg), "--device", cfg.run.device,
             "--workers", str(d.workers)]
     if cfg.model.channels_last:
         args.append("--channels-last")
