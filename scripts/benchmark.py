@@ -9,6 +9,7 @@
   overhead    the trainer's step time vs a bare loop on the same model, batch and tensors
   checkpoint  saving model + SGD momentum + EMA: cspx's atomic writer vs a bare torch.save
   augment     each RandAugment op's CPU cost per image, DALI vs torchvision on PIL (--batch images)
+  shards      sharded dataset vs loose files: startup, loader img/s, copy (cspx/bench/shards.py)
 
 Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
@@ -43,7 +44,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "validate", "overhead",
-                                    "checkpoint", "augment"])
+                                    "checkpoint", "augment", "shards"])
     p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml"),
                    help="augmentations, optimizer and loss come from here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -97,13 +98,14 @@ def _data(args):
 def main(argv):
     args = parse(argv)
     import torch
-    from cspx.bench import augment, common, io, steps
+    from cspx.bench import augment, common, io, shards, steps
     from cspx.runlog import provenance, format_provenance
     if args.mode in ("loader", "train", "baseline", "validate", "augment"):
         args.data = _data(args)
     fn = {"model": steps.model, "overhead": steps.overhead, "train": steps.train,
           "baseline": steps.train, "loader": io.loader, "validate": io.validate,
-          "checkpoint": io.checkpoint, "augment": augment.augment}[args.mode]
+          "checkpoint": io.checkpoint, "augment": augment.augment,
+          "shards": shards.bench}[args.mode]
     dev = steps.device_of(args)
     prov = provenance(dev)
     print("benchmark " + args.mode + "\n" + format_provenance(prov), file=sys.stderr)
