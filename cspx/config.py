@@ -54,7 +54,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "/data/imagenet"       # holds train/<wnid>/ and val/<wnid>/
+    root: str = "/data/imagenet"       # train/<wnid>/ and val/<wnid>/, or shards (shards.json)
+    # folder: ImageNet layout; shards: scripts/make_shards.py's output; auto: shards when root
+    # holds a shards.json manifest, else folder (cspx.resolve writes the one it found)
+    format: Literal["auto", "folder", "shards"] = "auto"
+    # a shard failing the start-up check (truncated, corrupt): refuse (stop, naming it) or
+    # exclude (leave its samples out, with a warning)
+    bad_shards: Literal["refuse", "exclude"] = "refuse"
     classes: Optional[str] = None      # synset list fixing label indices
     exclude: Optional[str] = None      # exclusion list from scripts/check_dataset.py
     loader: Literal["torch", "dali", "auto"] = "auto"

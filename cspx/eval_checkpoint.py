@@ -1,5 +1,6 @@
-"""What validate.py runs: a checkpoint (cspx's or timm's) evaluated on a dataset folder, with the
-metrics printed and optionally written as JSON and per-image predictions as CSV."""
+"""What validate.py runs: a checkpoint (cspx's or timm's) evaluated on a dataset folder or a
+sharded dataset's val split, with the metrics printed and optionally written as JSON and
+per-image predictions (named by their original relative paths) as CSV."""
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,9 @@ import torch
 from tqdm import tqdm
 
 from cspx import distributed, precision
-from cspx.data.build import build_eval_loader
+from cspx.data.build import build_eval_loader, data_format, open_shards_on_every_rank
 from cspx.data.index import build_index, read_classes_file, resolve_split_dir
+from cspx.data.loader import DataSplit
 from cspx.data.scan import read_exclude_file
 from cspx.errors import CspxError
 from cspx.eval_metrics import evaluate
@@ -39,10 +41,7 @@ def run(args: Namespace) -> Dict[str, Any]:
 def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     setup_console(env.is_main, args.verbose)
     precision.configure_backends(env.device, tf32=False)
-    split_dir = resolve_split_dir(args.data_dir, "val")
-    classes = read_classes_file(args.classes) if args.classes else None
-    exclude = read_exclude_file(args.exclude) if args.exclude else None
-    index = build_index(split_dir, classes, exclude, workers=max(4, args.workers), warn=env.is_main)
+    split_dir, index = _open_val(args, env)
     if args.limit:
         index = index.subset(args.limit)
     kind = resolve_loader(args.loader, env.device)
@@ -79,7 +78,7 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
                            "device": str(env.device), "world_size": env.world,
                            "precision": args.precision, "channels_last": args.channels_last,
                            "loader": kind, "classes": args.classes, "limit": args.limit,
-                           "ema": args.ema}}
+                           "ema": args.ema, "format": index.format}}
     if args.predictions:
         all_rows = distributed.all_gather_objects(rows, env)
         if env.is_main:
@@ -93,11 +92,24 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     return result
 
 
-def _write_predictions(path: str, index, rows) -> None:
+def _open_val(args: Namespace, env: distributed.DistEnv):
+    """(the folder evaluated, its split): --data-dir's val split, in whichever format it is."""
+    if data_format(args.data_dir, "auto") == "shards":
+        split = open_shards_on_every_rank(args.data_dir, ["val"], args.classes or "",
+                                          args.exclude or "", args.bad_shards, env)[0]
+        return os.path.join(split.root, "val"), split
+    split_dir = resolve_split_dir(args.data_dir, "val")
+    classes = read_classes_file(args.classes) if args.classes else None
+    exclude = read_exclude_file(args.exclude) if args.exclude else None
+    return split_dir, build_index(split_dir, classes, exclude, workers=max(4, args.workers),
+                                  warn=env.is_main)
+
+
+def _write_predictions(path: str, index: DataSplit, rows) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "top5", "top5_prob"])
     for i, _, top, prob in rows:
-        w.writerow([index.files[i], int(index.labels[i]), " ".join(map(str, top)),
+        w.writerow([index.name(i), int(index.labels[i]), " ".join(map(str, top)),
                     " ".join(f"{p:.6f}" for p in prob)])
     atomic_write(path, buf.getvalue())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cspx.config import Config
-from cspx.data.index import DatasetIndex
+from cspx.data.loader import DataSplit
 from cspx.optim import lr_for
 
 
@@ -27,7 +27,7 @@ def lr_points(cfg: Config):
     return [(name, step, lr_for(cfg, step)) for name, step in pts]
 
 
-def describe_plan(cfg: Config, model: nn.Module, train: DatasetIndex, val: DatasetIndex,
+def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSplit,
                   world: int, micro: int) -> str:
     t = cfg.train
     params = sum(p.numel() for p in model.parameters())
@@ -36,7 +36,8 @@ def describe_plan(cfg: Config, model: nn.Module, train: DatasetIndex, val: Datas
         "plan (dry run: recipe and data checked, nothing trained)",
         f"  model         {cfg.model.name}: {params:,} parameters, {cfg.model.num_classes} classes",
         f"  data          {len(train):,} train / {len(val):,} val images in {train.num_classes} classes "
-        f"({len(train.excluded) + len(val.excluded)} excluded), {cfg.data.loader} loader",
+        f"({len(train.excluded) + len(val.excluded)} excluded), {cfg.data.format}, "
+        f"{cfg.data.loader} loader",
         f"  batch         {t.batch_size} images per step = {world} rank(s) x {t.accum_steps} "
         f"accumulation x {micro} per forward pass; precision {t.precision}",
         f"  steps         {t.steps:,} optimizer steps = {images / len(train):,.2f} epochs, "

@@ -5,6 +5,7 @@ config.yaml and checkpoints, and what every later stage reads. No resolved value
 it. Resolved here:
   run.device          auto -> cuda or cpu (the device distributed.init picked for this rank)
   data.loader         auto -> dali where DALI imports and can use the device, else torch
+  data.format         auto -> shards or folder: the format cspx.data.build found in data.root
   train.precision     auto -> bf16 / fp16 on GPUs, fp32 on CPUs (cspx.precision)
   model.num_classes   null -> the training set's class count
   eval.img_size, eval.crop_pct, eval.interpolation   null -> the model's evaluation preset
@@ -18,8 +19,7 @@ import torch
 
 from cspx import precision
 from cspx.config import Config, micro_batch, with_updates
-from cspx.data.index import DatasetIndex
-from cspx.data.loader import check_fits
+from cspx.data.loader import DataSplit, check_fits
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from cspx.models import eval_preset
@@ -42,7 +42,7 @@ def resolve_loader(pref: str, device: torch.device) -> str:
     return "torch"
 
 
-def resolve(cfg: Config, env: DistEnv, data: Tuple[DatasetIndex, DatasetIndex]) -> Config:
+def resolve(cfg: Config, env: DistEnv, data: Tuple[DataSplit, DataSplit]) -> Config:
     """The config with every auto/null value above filled in, after checking that the data
     suits it (class count, at least one batch per rank)."""
     train, val = data
@@ -54,7 +54,7 @@ def resolve(cfg: Config, env: DistEnv, data: Tuple[DatasetIndex, DatasetIndex]) 
     e = cfg.eval
     cfg = with_updates(
         cfg, run={"device": env.device.type},
-        data={"loader": resolve_loader(cfg.data.loader, env.device)},
+        data={"loader": resolve_loader(cfg.data.loader, env.device), "format": train.format},
         train={"precision": precision.resolve(cfg.train.precision, env.device)},
         model={"num_classes": num_classes},
         eval={"img_size": e.img_size or preset.img_size, "crop_pct": e.crop_pct or preset.crop_pct,

@@ -21,7 +21,7 @@ from cspx import configio, distributed, precision
 from cspx.checkpoint import Checkpointer
 from cspx.config import Config, micro_batch
 from cspx.data.build import build_indices, build_train_loader, classes_file, eval_loader_for
-from cspx.data.index import DatasetIndex
+from cspx.data.loader import DataSplit
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from cspx.files import atomic_write, write_json
@@ -116,7 +116,7 @@ def _claim_run_dir(cfg: Config, env: DistEnv, stack: ExitStack) -> RunDir:
     return run
 
 
-def _meta(cfg: Config, train: DatasetIndex, prov: Dict[str, Any], run: RunDir) -> Dict[str, Any]:
+def _meta(cfg: Config, train: DataSplit, prov: Dict[str, Any], run: RunDir) -> Dict[str, Any]:
     """What every checkpoint records about the run besides its state."""
     return {"config": configio.to_dict(cfg), "config_hash": configio.config_hash(cfg),
             "data_fingerprint": train.fingerprint(), "model_name": cfg.model.name,
@@ -146,7 +146,7 @@ def _place_model(cfg: Config, env: DistEnv, model: torch.nn.Module, fresh: bool)
     return model, build_sgd(model, cfg.optim, env.device)
 
 
-def _loaders(cfg: Config, data: Tuple[DatasetIndex, DatasetIndex], env: DistEnv, run: RunDir,
+def _loaders(cfg: Config, data: Tuple[DataSplit, DataSplit], env: DistEnv, run: RunDir,
              stack: ExitStack):
     work_dir = run.file("index")  # DALI's file lists
     os.makedirs(work_dir, exist_ok=True)
@@ -207,4 +207,6 @@ def validate_command(cfg: Config, run: RunDir) -> str:
         args += ["--classes", classes_file(cfg)]
     if d.exclude:
         args += ["--exclude", os.path.expanduser(d.exclude)]
+    if d.format == "shards":
+        args += ["--bad-shards", d.bad_shards]
     return " ".join(shlex.quote(a) for a in [python, "validate.py", *args])

@@ -11,6 +11,7 @@
   augment     each RandAugment op's CPU cost per image, DALI vs torchvision on PIL (--batch images)
   memory      host memory (trainer + workers) at every epoch boundary of a long train.py run,
               per loader (default recipe: the demo; --epochs, default 30)
+  shards      sharded dataset vs loose files: startup, loader img/s, copy (cspx/bench/shards.py)
 
 Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
@@ -46,7 +47,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "validate", "overhead",
-                                    "checkpoint", "augment", "memory"])
+                                    "checkpoint", "augment", "memory", "shards"])
     p.add_argument("--recipe", help="augmentations, optimizer and loss come from here (default: "
                    "recipes/cspresnext50_ra.yaml; the memory mode: recipes/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -104,13 +105,14 @@ def _data(args):
 def main(argv):
     args = parse(argv)
     import torch
-    from cspx.bench import augment, common, io, memory, steps
+    from cspx.bench import augment, common, io, memory, shards, steps
     from cspx.runlog import provenance, format_provenance
     if args.mode in ("loader", "train", "baseline", "validate", "augment"):
         args.data = _data(args)
     fn = {"model": steps.model, "overhead": steps.overhead, "train": steps.train,
           "baseline": steps.train, "loader": io.loader, "validate": io.validate,
-          "checkpoint": io.checkpoint, "augment": augment.augment, "memory": memory.memory}[args.mode]
+          "checkpoint": io.checkpoint, "augment": augment.augment, "memory": memory.memory,
+          "shards": shards.bench}[args.mode]
     dev = steps.device_of(args)
     prov = provenance(dev)
     print("benchmark " + args.mode + "\n" + format_provenance(prov), file=sys.stderr)

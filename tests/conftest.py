@@ -57,6 +57,28 @@ def small_imagenet(tmp_path_factory):
     return str(root)
 
 
+def make_shards(src, out, *extra):
+    """scripts/make_shards.py SRC OUT, as a user runs it; returns OUT."""
+    r = run_py(["scripts/make_shards.py", str(src), str(out), "--workers", "2", *map(str, extra)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_data, tmp_path_factory):
+    """The demo dataset as shards of about 1 MB: 15 train shards (2,000 images in a seeded
+    order), 3 val shards (300 images sorted by path). Made once per session."""
+    return make_shards(demo_data, tmp_path_factory.getbasetemp() / "demo-shards", "--shard-size", 1)
+
+
+@pytest.fixture(scope="session")
+def sample_shards_root(sample_dir, tmp_path_factory):
+    """The 105 real JPEGs of ../shared/imagenet-sample as val shards of about 2 MB (6 shards), in
+    the folder's order (sorted by path): sample i is the folder index's file i."""
+    return make_shards(sample_dir, tmp_path_factory.getbasetemp() / "sample-shards",
+                       "--shard-size", 2)
+
+
 def tree_digest(root):
     """{relative path: sha256} of every file under root (and the folders), to prove a command
     left a user's folder byte-for-byte as it was."""

@@ -137,9 +137,14 @@ def tb_steps(run_dir, tag="train/loss"):
     return [e.step for e in acc.Scalars(tag)]
 
 
-@pytest.mark.parametrize("loader, workers", [("torch", 0), ("torch", 2), ("dali", 2)])
-def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, workdir, loader, workers):
+@pytest.mark.parametrize("loader, workers, fmt", [
+    ("torch", 0, "folder"), ("torch", 2, "folder"), ("dali", 2, "folder"),
+    ("torch", 0, "shards"), ("dali", 2, "shards")])
+def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, workdir, request, loader,
+                                                 workers, fmt):
     extra = (f"data.workers={workers}",) + ((f"data.loader={loader}",) if loader != "torch" else ())
+    if fmt == "shards":  # the demo set as shards (conftest): data.format auto finds them
+        extra += (f"data.root={request.getfixturevalue('demo_shards')}", "data.synthetic=false")
     ref = reference(*extra)
     run_dir = fresh_run_dir(workdir)
     rng = random.Random()
@@ -156,6 +161,16 @@ def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, workdir, 
     assert "resuming from" in r.stderr
     check_equal_runs(ref, run_dir)
     assert tb_steps(run_dir) == tb_steps(ref) == list(range(2, 25, 2))
+    config = load(f"{run_dir}/checkpoints/last.pt")["config"]["data"]
+    assert (config["format"], config["loader"]) == (fmt, loader)  # as resolved
+    if fmt == "shards" and loader == "torch":
+        # the validate.py command the run prints reads the shards and reproduces its evaluation
+        line = r.stderr.split("evaluate the result with:")[1].strip().splitlines()[0]
+        assert "--bad-shards refuse" in line
+        v = subprocess.run(line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert v.returncode == 0, v.stderr[-2000:]
+        last = metrics(run_dir, "eval")[-1]
+        assert f"top-1 {last['top1']:.3f}%" in v.stdout and f"images {last['count']} " in v.stdout
 
 
 def test_sigterm_saves_and_exits_0_then_resumes_exactly(demo_data, reference, workdir):

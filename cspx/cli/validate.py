@@ -7,7 +7,8 @@ from typing import Sequence
 from cspx.errors import CspxError, run_cli
 
 EPILOG = """\
-DIR is an ImageNet-layout folder: DIR/<wnid>/*.JPEG, or DIR/val/<wnid>/*.JPEG.
+DIR is an ImageNet-layout folder: DIR/<wnid>/*.JPEG, or DIR/val/<wnid>/*.JPEG; or a sharded
+dataset from scripts/make_shards.py (DIR/shards.json), whose val split is read (docs/data.md).
 defaults follow the model's card (cspx.models.eval_preset; cspresnext50: 224 px, crop 0.875,
 shorter side resized to floor(224 / 0.875) = 256, bilinear, ImageNet mean/std), fp32, and the
 torch loader (PIL, bit-exact with timm's eval transform). Released timm weights:
@@ -21,7 +22,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="validate.py", description="Top-1/top-5 of a checkpoint.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="cspx checkpoint or a (timm) state_dict")
-    p.add_argument("--data-dir", required=True, help="ImageNet-layout validation folder")
+    p.add_argument("--data-dir", required=True, help="ImageNet-layout validation folder, or a "
+                   "sharded dataset (found by its shards.json)")
     p.add_argument("--model", help="architecture (default: from a cspx checkpoint, else cspresnext50)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.add_argument("--img-size", type=int, help="centre-crop side, px (default: the model's)")
@@ -43,7 +45,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "absolute difference per pixel (normalized units, on CPU), which flips a "
                         "few near-tie predictions (docs/dali.md)")
     p.add_argument("--classes", help="synset list fixing label indices (first token per line)")
-    p.add_argument("--exclude", help="exclusion list from scripts/check_dataset.py")
+    p.add_argument("--exclude", help="exclusion list from scripts/check_dataset.py (folders)")
+    p.add_argument("--bad-shards", choices=["refuse", "exclude"], default="refuse",
+                   help="a shard failing the start-up check: refuse (default: stop, naming it) "
+                        "or exclude (evaluate without its images, with a warning)")
     p.add_argument("--json", help="write metrics and settings to this JSON file (an existing file "
                                   "is overwritten)")
     p.add_argument("--predictions", help="write per-image top-5 to this CSV file (an existing "

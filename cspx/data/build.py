@@ -1,21 +1,24 @@
-"""Stage 1 of a training run (setup), data: the dataset indices, then the two loaders the trainer
+"""Stage 1 of a training run (setup), data: the dataset splits, then the two loaders the trainer
 iterates, from the resolved config's `data`, `aug`, `eval` and `train` sections.
 
 Both loader kinds implement cspx.data.loader's interface, so the training loop never asks which
-one it has. This module is the one reader of `data.loader`.
+one it has, and both read either data format (a `loader.DataSplit`: a folder's index or a shard
+split). This module is the one reader of `data.loader`, `data.format` and `data.bad_shards`.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
-from cspx import precision
+from cspx import distributed, precision
 from cspx.config import Config, micro_batch
 from cspx.data import synthetic
-from cspx.data.index import DatasetIndex, build_index, read_classes_file
-from cspx.data.loader import EvalLoader, TrainLoader
+from cspx.data.index import build_index, read_classes_file
+from cspx.data.loader import DataSplit, EvalLoader, TrainLoader
 from cspx.data.scan import read_exclude_file
+from cspx.data.shards import MANIFEST, MARKER, read_manifest
+from cspx.data.shard_reader import ShardSplit
 from cspx.data.torch_loader import TorchEvalLoader, TorchTrainLoader
 from cspx.distributed import DistEnv, main_first
 from cspx.errors import CspxError
@@ -32,14 +35,74 @@ def classes_file(cfg: Config) -> str:
     return ""
 
 
-def build_indices(cfg: Config, env: DistEnv) -> Tuple[DatasetIndex, DatasetIndex]:
-    """Index train/ and val/ under data.root. Rank 0 generates the demo set if asked and scans;
-    the other ranks wait for it without a collective timeout and receive its result, so a scan
-    of 1.28M files on a cold network filesystem cannot time out the job."""
+def data_format(root: str, fmt: str) -> str:
+    """data.format with 'auto' decided: 'shards' when `root` holds a manifest, else 'folder'."""
+    if fmt != "auto":
+        return fmt
+    # make_shards.py's marker without its manifest: an unfinished one, which read_manifest names
+    made = any(os.path.exists(os.path.join(root, f)) for f in (MANIFEST, MARKER))
+    return "shards" if made else "folder"
+
+
+def open_shards(root: str, splits: Sequence[str], classes: str = "", exclude: str = "",
+                bad_shards: str = "refuse", warn: bool = True) -> List[ShardSplit]:
+    """The splits of the sharded dataset at `root`, each through the start-up check. Its labels
+    are fixed by its manifest: a class list given beside it must agree; an exclusion list (for
+    folders) does not apply, make_shards.py having left out every image that does not decode."""
+    if exclude:
+        raise CspxError(f"data.exclude: {root} is a sharded dataset, whose undecodable images "
+                        f"scripts/make_shards.py already left out; set data.exclude to null")
+    manifest = read_manifest(root)
+    out = [ShardSplit(root, s, bad_shards, manifest=manifest, warn=warn) for s in splits]
+    if classes and read_classes_file(classes) != out[0].classes:
+        raise CspxError(f"data.classes: {classes} lists other classes, or another order, than the "
+                        f"sharded dataset {root} (its synsets.txt); set data.classes to null")
+    return out
+
+
+def open_shards_on_every_rank(root: str, splits: Sequence[str], classes: str, exclude: str,
+                              bad_shards: str, env: DistEnv) -> List[ShardSplit]:
+    """open_shards on every rank: each checks the copy it reads (on a cluster often its node's
+    local copy; the check reads 256 KiB a shard). Then the ranks agree or all stop: one rank's
+    failure stops every rank with its message, and copies giving different samples (a shard
+    excluded on one node only) are refused."""
+    if not env.distributed:
+        return open_shards(root, splits, classes, exclude, bad_shards)
+    out, status = None, ""
+    try:
+        out = open_shards(root, splits, classes, exclude, bad_shards, warn=env.is_main)
+    except CspxError as e:
+        status = f"rank {env.rank}: {e}"
+    seen = distributed.all_gather_objects(
+        (status, [s.fingerprint() for s in out] if out else None), env)
+    failed = [msg for msg, _ in seen if msg]
+    if failed:
+        raise CspxError(failed[0])
+    if len({tuple(f) for _, f in seen}) > 1:
+        raise CspxError(f"data.root: the ranks read different samples from {root} (a shard "
+                        f"excluded on some nodes' copies only?); check each node's copy with "
+                        f"scripts/make_shards.py --verify")
+    return out
+
+
+def build_indices(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
+    """The train and val splits of data.root, in data.format: a folder indexed (train/ and val/),
+    or shards opened through their start-up check on every rank. For a folder rank 0 generates
+    the demo set if asked and scans; the other ranks wait for it without a collective timeout
+    and receive its result, so a scan of 1.28M files on a cold network filesystem cannot time
+    out the job."""
     d = cfg.data
     root = os.path.abspath(os.path.expanduser(d.root))
+    if data_format(root, d.format) == "shards":
+        if d.synthetic:
+            raise CspxError("data.synthetic: true generates a folder dataset, and data.root "
+                            f"{root} is a sharded one; set data.synthetic=false")
+        exclude = os.path.expanduser(d.exclude) if d.exclude else ""
+        train, val = open_shards_on_every_rank(root, ("train", "val"), classes_file(cfg),
+                                               exclude, d.bad_shards, env)
+        return train, val
 
-    def scan() -> Tuple[DatasetIndex, DatasetIndex]:
+    def scan() -> Tuple[DataSplit, DataSplit]:
         if d.synthetic:
             synthetic.generate(root)
         listed = classes_file(cfg)
@@ -60,7 +123,7 @@ def build_indices(cfg: Config, env: DistEnv) -> Tuple[DatasetIndex, DatasetIndex
     return main_first(scan, env, "indexing data.root")
 
 
-def build_train_loader(cfg: Config, index: DatasetIndex, env: DistEnv, work_dir: str) -> TrainLoader:
+def build_train_loader(cfg: Config, index: DataSplit, env: DistEnv, work_dir: str) -> TrainLoader:
     """The training loader data.loader names, producing precision.loader_dtype images."""
     common = dict(index=index, aug=cfg.aug, seed=cfg.seed, micro_batch=micro_batch(cfg, env.world),
                   rank=env.rank, world=env.world, workers=cfg.data.workers, device=env.device,
@@ -73,7 +136,7 @@ def build_train_loader(cfg: Config, index: DatasetIndex, env: DistEnv, work_dir:
     return TorchTrainLoader(**common)
 
 
-def build_eval_loader(kind: str, index: DatasetIndex, img_size: int, crop_pct: float,
+def build_eval_loader(kind: str, index: DataSplit, img_size: int, crop_pct: float,
                       interpolation: str, batch_size: int, env: DistEnv, workers: int,
                       channels_last: bool, file_list_dir: str = "") -> EvalLoader:
     """An evaluation loader of `kind` ('torch' or 'dali'); float32 images (the model's autocast
@@ -87,7 +150,7 @@ def build_eval_loader(kind: str, index: DatasetIndex, img_size: int, crop_pct: f
     return TorchEvalLoader(**common)
 
 
-def eval_loader_for(cfg: Config, index: DatasetIndex, env: DistEnv, work_dir: str) -> EvalLoader:
+def eval_loader_for(cfg: Config, index: DataSplit, env: DistEnv, work_dir: str) -> EvalLoader:
     """The evaluation loader of a training run (its eval section, its data.loader)."""
     e = cfg.eval
     return build_eval_loader(cfg.data.loader, index, e.img_size, e.crop_pct, e.interpolation,

@@ -6,22 +6,29 @@ On a CUDA device JPEGs are decoded by nvJPEG (`mixed`, with the A100/H100 hardwa
 (`device_id=None`). An explicit `dali` request on a CUDA device without CUDA fails with a message;
 it never falls back silently.
 
-Order. Every rank writes the same file list. Each epoch DALI permutes the whole list with one seed
-shared by all ranks (`shuffle_after_epoch`), and rank r reads the r-th contiguous slice of that
-permutation (DALI shards), so ranks are disjoint within an epoch. Shards differ in size by at most
-one image. An epoch on a rank is `shard_size // micro_batch` micro-batches: the reader pads the
-shard to whole batches and the iterator drops the padded last batch (LastBatchPolicy.DROP), so the
-next epoch starts on a batch boundary and the dropped images differ from epoch to epoch. In the
-rare case that one rank's larger shard fills one more batch, that rank's epochs are one batch
-longer; ranks still step together, since the iterator is infinite.
+Order, folders. Every rank writes the same file list. Each epoch DALI permutes the whole list
+with one seed shared by all ranks (`shuffle_after_epoch`), and rank r reads the r-th contiguous
+slice of that permutation (DALI shards), so ranks are disjoint within an epoch. Shards differ in
+size by at most one image. An epoch on a rank is `shard_size // micro_batch` micro-batches: the
+reader pads the shard to whole batches and the iterator drops the padded last batch
+(LastBatchPolicy.DROP), so the next epoch starts on a batch boundary and the dropped images
+differ from epoch to epoch. In the rare case that one rank's larger shard fills one more batch,
+that rank's epochs are one batch longer; ranks still step together, since the iterator is
+infinite.
+
+Order, shards. cspx reads the samples itself and hands them to fn.external_source in the order
+of the torch loader (torch_loader.EpochBatchSampler): one permutation of the whole split per
+epoch, rank r taking slice r of each global micro-batch (dali_sources). Only the graph's input
+differs from the folder path; its operators, seeds and checkpoint are the same.
 
 Resume. Pipelines are built with `enable_checkpointing=True`. DALI's checkpoint describes the
 position after the last batch handed out, not after the batches the pipeline has prefetched, and
 it holds the reader's shuffle state and every random operator's generator state. `state_dict()`
 stores it with the micro-batch count; a new loader given it via `load_state_dict` rebuilds
 the pipeline from it and continues with the exact next batch, augmentations included, also
-across epoch boundaries. The shard and pipeline settings must match (checked). On another
-world size (a forced resume) DALI's order cannot follow: the loader says so and starts afresh.
+across epoch boundaries; from shards it also restarts the source at the batch handed out. The
+shard and pipeline settings must match (checked). On another world size (a forced resume)
+DALI's order cannot follow: the loader says so and starts afresh.
 
 Output memory. With DALI's default executor the iterator hands out zero-copy views of DALI's
 buffers, freed back to DALI only after torch drops them and DALI's deleter thread has waited for
@@ -36,7 +43,9 @@ there are no streams, and the views are used as they are.
 Bad files. DALI cannot skip a file at run time, so files failing the index's quick scan are never
 listed (`index.excluded`), and `bad_files` stays 0: unlike the torch path, nothing is replaced
 while running. A file that passes the scan but fails to decode stops the run with a message
-naming scripts/check_dataset.py (its exclusion list goes to data.exclude).
+naming scripts/check_dataset.py (its exclusion list goes to data.exclude); from shards, whose
+images make_shards.py decoded once already, the message names the image (its original path and
+shard) and `make_shards.py --verify`.
 """
 from __future__ import annotations
 
@@ -45,13 +54,15 @@ import hashlib
 import json
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from cspx.config import AugConfig
+from cspx.data.dali_sources import ShardEvalSource, ShardTrainSource
 from cspx.data.index import DatasetIndex, cache_dir
-from cspx.data.loader import CountedPosition, check_fits, listing_hash
+from cspx.data.loader import CountedPosition, DataSplit, check_fits, listing_hash
+from cspx.data.torch_loader import EpochBatchSampler
 from cspx.data.transforms import eval_resize_size, sample_seed
 from cspx.errors import CspxError
 
@@ -110,17 +121,40 @@ def _file_list(directory: str, name: str, index: DatasetIndex, label_is_index: b
     return path
 
 
-def _reraise(e: RuntimeError):
-    """Raise a decoder failure as a CspxError that says what to do; other errors unchanged."""
+def _folder_reader(index: DataSplit, directory: Optional[str], name: str, rank: int, world: int,
+                   shuffle_seed: int, label_is_index: bool) -> Dict[str, Any]:
+    """fn.readers.file's settings for a folder: rank r reads DALI's shard r of the file list."""
+    directory = directory or os.path.join(cache_dir(), "dali")
+    assert isinstance(index, DatasetIndex)
+    return dict(file_root=index.root, file_list=_file_list(directory, name, index, label_is_index),
+                shard_id=rank, num_shards=world, shuffle_seed=shuffle_seed)
+
+
+def _reraise(e: RuntimeError, source=None):
+    """Raise a decoder failure as a CspxError that says what to do; other errors unchanged.
+    `source`: the shard source that fed the graph, which finds the image (DALI cannot name it)."""
     msg = str(e)
     if "fn.decoders" not in msg and "peek_image_shape" not in msg:
         raise e
+    if source is not None:
+        raise CspxError(f"DALI failed to decode {source.undecodable() or 'an image'}. DALI "
+                        f"cannot skip an image: run scripts/make_shards.py --verify on data.root "
+                        f"and rewrite the shard, or use data.loader=torch, which replaces "
+                        f"undecodable images") from e
     lines = [ln.strip() for ln in msg.splitlines()]
     after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
     cause = next((ln for ln in after if ln), "unknown error")  # e.g. 'Failed to decode ... : path'
     raise CspxError(f"DALI failed to decode an image ({cause}). DALI cannot skip a file: run "
                     f"scripts/check_dataset.py and set data.exclude to the list it writes, or "
                     f"use data.loader=torch, which replaces undecodable files") from e
+
+
+def _iterator(pipe, names, source, policy):
+    """DALI's torch iterator: over a file reader's epochs (`policy` for its last batch), or over
+    an external source, which decides alone where a pass ends (StopIteration) or never ends."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    kw = {} if source is not None else dict(reader_name="Reader", last_batch_policy=policy)
+    return DALIGenericIterator([pipe], names, auto_reset=True, **kw)
 
 
 def _images(x: torch.Tensor, channels_last: bool, own: bool) -> torch.Tensor:
@@ -135,7 +169,7 @@ class DaliTrainLoader(CountedPosition):
 
     kind = "dali"
 
-    def __init__(self, index: DatasetIndex, aug: AugConfig, seed: int, micro_batch: int,
+    def __init__(self, index: DataSplit, aug: AugConfig, seed: int, micro_batch: int,
                  rank: int, world: int, workers: int, device: torch.device, channels_last: bool,
                  dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65,
                  file_list_dir: Optional[str] = None):
@@ -145,13 +179,22 @@ class DaliTrainLoader(CountedPosition):
         self.device, self.device_id = device, _device_id(device)
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.workers, self.channels_last = max(1, workers), channels_last
-        self.shard_size = _shard_size(len(index), rank, world)
-        self.batches_per_epoch = self.shard_size // micro_batch
-        directory = file_list_dir or os.path.join(cache_dir(), "dali")
+        if index.format == "shards":  # cspx's global permutation (dali_sources module doc)
+            sampler = EpochBatchSampler(len(index), micro_batch, rank, world, seed)
+            self.batches_per_epoch = sampler.batches_per_epoch
+            self.source: Optional[ShardTrainSource] = ShardTrainSource(index, sampler)
+            self.reader: Dict[str, Any] = {"source": self.source}
+            order = {"order": "cspx", "rank": rank, "world": world, "files": index.fingerprint()}
+        else:
+            self.batches_per_epoch = _shard_size(len(index), rank, world) // micro_batch
+            self.source = None
+            self.reader = _folder_reader(index, file_list_dir, "train", rank, world,
+                                         sample_seed(seed, -1, -1) & 0x7FFFFFFF,  # on every rank
+                                         label_is_index=False)
+            order = {k: v for k, v in self.reader.items() if k not in ("file_root", "file_list")}
+            order["files"] = os.path.basename(self.reader["file_list"])
         self.params = dict(
-            file_root=index.root, file_list=_file_list(directory, "train", index, False),
-            shard_id=rank, num_shards=world, mixed=self.device_id is not None,
-            shuffle_seed=sample_seed(seed, -1, -1) & 0x7FFFFFFF,  # the same on every rank
+            mixed=self.device_id is not None,
             hw_decoder_load=hw_decoder_load, img_size=aug.img_size, scale=list(aug.scale),
             ratio=list(aug.ratio), interpolation=aug.interpolation, hflip=aug.hflip,
             rotate=aug.rotate, hue=aug.hue, saturation=aug.saturation, exposure=aug.exposure,
@@ -159,14 +202,13 @@ class DaliTrainLoader(CountedPosition):
             ra_interpolation=aug.randaugment_interpolation,
             dtype_name=DTYPES[dtype], channels_last=channels_last)
         self.aug_seed = sample_seed(seed, -2, rank) & 0x7FFFFFFF  # augmentation differs by rank
-        # what a checkpoint depends on: the listed files (the file list's name hashes them), the
-        # graph and the seeds; not where the data lives, nor throughput knobs
-        graph = {k: v for k, v in self.params.items()
-                 if k not in ("file_root", "file_list", "hw_decoder_load")}
+        # what a checkpoint depends on: the samples (a folder's file list's name hashes them, a
+        # shard split's fingerprint), the order, the graph and the seeds; not where the data
+        # lives, nor throughput knobs
+        graph = {k: v for k, v in self.params.items() if k != "hw_decoder_load"}
         self.signature = hashlib.sha256(json.dumps(
-            {**graph, "files": os.path.basename(self.params["file_list"]), "batch": micro_batch,
-             "seed": self.aug_seed, "graph_version": GRAPH_VERSION},
-            sort_keys=True).encode()).hexdigest()
+            {**graph, **order, "batch": micro_batch, "seed": self.aug_seed,
+             "graph_version": GRAPH_VERSION}, sort_keys=True).encode()).hexdigest()
         self.consumed = 0          # micro-batches handed to the training loop
         self.bad_files = 0         # always 0: DALI replaces nothing at run time (module doc)
         self._checkpoint: Optional[bytes] = None
@@ -199,18 +241,17 @@ class DaliTrainLoader(CountedPosition):
         self._checkpoint = base64.b64decode(state["checkpoint"]) or None
 
     def _build(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import LastBatchPolicy
         from cspx.data.dali_pipelines import train_pipeline
         try:
-            self._pipe = train_pipeline(**self.params, batch_size=self.micro_batch,
+            self._pipe = train_pipeline(self.reader, **self.params, batch_size=self.micro_batch,
                                         num_threads=self.workers, device_id=self.device_id,
                                         seed=self.aug_seed, enable_checkpointing=True,
                                         checkpoint=self._checkpoint)
-            self._it = DALIGenericIterator([self._pipe], ["images", "labels"],
-                                           reader_name="Reader", auto_reset=True,
-                                           last_batch_policy=LastBatchPolicy.DROP)
+            self._it = _iterator(self._pipe, ["images", "labels"], self.source,
+                                 LastBatchPolicy.DROP)
         except RuntimeError as e:
-            _reraise(e)
+            _reraise(e, self.source)
 
     def __iter__(self):
         return self
@@ -221,10 +262,10 @@ class DaliTrainLoader(CountedPosition):
         try:
             try:
                 out = next(self._it)[0]
-            except StopIteration:  # end of an epoch (auto_reset has reset the iterator)
+            except StopIteration:  # end of a file reader's epoch (auto_reset has reset it)
                 out = next(self._it)[0]
         except RuntimeError as e:
-            _reraise(e)
+            _reraise(e, self.source)
         self.consumed += 1
         x = _images(out["images"], self.channels_last, own=self.device_id is not None)
         y = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
@@ -242,14 +283,16 @@ class DaliTrainLoader(CountedPosition):
 
 
 class DaliEvalLoader:
-    """One pass over this rank's shard (DALI's contiguous slice of the index) per iteration, every
-    image exactly once: the reader pads the shard to whole batches and the iterator cuts the
-    padding off the last batch (LastBatchPolicy.PARTIAL). Yields (images, labels on device,
-    indices int64 on CPU into index.files). The pipeline is built once and serves every pass."""
+    """One pass over this rank's shard (the contiguous slice [r n / w, (r + 1) n / w) of the
+    split) per iteration, every image exactly once. From a folder's file list the reader pads
+    the shard to whole batches and the iterator cuts the padding off the last batch
+    (LastBatchPolicy.PARTIAL); from shards the source hands out the slice and ends the pass
+    itself. Yields (images, labels on device, indices int64 into the split). The pipeline is
+    built once and serves every pass."""
 
     kind = "dali"
 
-    def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str,
+    def __init__(self, index: DataSplit, img_size: int, crop_pct: float, interpolation: str,
                  batch_size: int, rank: int, world: int, workers: int, device: torch.device,
                  channels_last: bool, file_list_dir: Optional[str] = None):
         check_fits("validation", len(index), batch_size, world, partial=True)
@@ -257,10 +300,17 @@ class DaliEvalLoader:
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.channels_last = channels_last
         self._num = _shard_size(len(index), rank, world)
-        directory = file_list_dir or os.path.join(cache_dir(), "dali")
+        if index.format == "shards":
+            lo = rank * len(index) // world
+            self.source: Optional[ShardEvalSource] = ShardEvalSource(index, lo, lo + self._num,
+                                                                     batch_size)
+            self.reader: Dict[str, Any] = {"source": self.source}
+        else:
+            self.source = None
+            self.reader = _folder_reader(index, file_list_dir, "val", rank, world, 0,
+                                         label_is_index=True)
         self.params = dict(
-            file_root=index.root, file_list=_file_list(directory, "val", index, True),
-            shard_id=rank, num_shards=world, mixed=self.device_id is not None, img_size=img_size,
+            mixed=self.device_id is not None, img_size=img_size,
             resize_size=eval_resize_size(img_size, crop_pct), interpolation=interpolation,
             channels_last=channels_last)
         # the reader's label is the position in the index: class labels come from this table
@@ -276,20 +326,20 @@ class DaliEvalLoader:
         return self._num
 
     def _build(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import LastBatchPolicy
         from cspx.data.dali_pipelines import eval_pipeline
         self.close()
-        self._pipe = eval_pipeline(**self.params, batch_size=self.batch_size,
+        self._pipe = eval_pipeline(self.reader, **self.params, batch_size=self.batch_size,
                                    num_threads=self.workers, device_id=self.device_id, seed=0)
-        self._it = DALIGenericIterator([self._pipe], ["images", "positions"], reader_name="Reader",
-                                       auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
+        self._it = _iterator(self._pipe, ["images", "positions"], self.source,
+                             LastBatchPolicy.PARTIAL)
 
     def __iter__(self):
         if self._it is None or not self._clean:  # an abandoned pass: start over from a new one
             try:
                 self._build()
             except RuntimeError as e:
-                _reraise(e)
+                _reraise(e, self.source)
         self._clean = False
         while True:
             try:
@@ -297,7 +347,7 @@ class DaliEvalLoader:
             except StopIteration:  # the pass is complete; auto_reset readied the next one
                 break
             except RuntimeError as e:
-                _reraise(e)
+                _reraise(e, self.source)
             # positions stay where DALI made them (the device, on a GPU): the label lookup is a
             # gather there, with no copy to or from the host per batch
             idx = out["positions"].view(-1).to(self.device, torch.int64)

@@ -1,5 +1,9 @@
 """DALI pipeline graphs, run at every training step and evaluation by the loaders of dali_loader.
 
+Each graph takes its encoded images from `reader`, the one thing that differs between the data
+formats: a folder's file list read by fn.readers.file, or a sharded dataset's samples read by
+cspx (dali_sources) through fn.external_source. The operators after it are the same.
+
 Training mirrors `transforms.TrainTransform`: random-resized-crop (fused with decoding) -> rotate
 -> colour jitter -> RandAugment -> flip + normalize. The flip is applied last, by
 crop_mirror_normalize's `mirror`, instead of between rotate and colour jitter: every later op is
@@ -24,7 +28,7 @@ Differences from the torch path, by design or because DALI computes them differe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Dict, Sequence
 
 import numpy as np
 from nvidia.dali import fn, math as dmath, pipeline_def, types
@@ -56,8 +60,17 @@ def out_dtype(dtype_name: str):
     return {"float32": types.FLOAT, "float16": types.FLOAT16}[dtype_name]
 
 
-def _reader(file_root: str, file_list: str, shard_id: int, num_shards: int, train: bool,
-            shuffle_seed: int):
+def _read(reader: Dict[str, Any], train: bool):
+    """(encoded images, int32 (1,) labels or positions) from `reader`: {'source': a batch
+    callable (dali_sources)}, or fn.readers.file's settings for a folder's file list."""
+    if "source" in reader:
+        return fn.external_source(source=reader["source"], batch=True, batch_info=True,
+                                  num_outputs=2, dtype=[types.UINT8, types.INT32])
+    return _file_reader(**reader, train=train)
+
+
+def _file_reader(file_root: str, file_list: str, shard_id: int, num_shards: int, train: bool,
+                 shuffle_seed: int):
     kw = dict(file_root=file_root, file_list=file_list, shard_id=shard_id, num_shards=num_shards,
               name="Reader", pad_last_batch=True)
     if train:
@@ -79,13 +92,12 @@ def _darknet_scale(s: float):
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(file_root: str, file_list: str, shard_id: int, num_shards: int,
-                   shuffle_seed: int, mixed: bool, hw_decoder_load: float, img_size: int,
+def train_pipeline(reader: Dict[str, Any], mixed: bool, hw_decoder_load: float, img_size: int,
                    scale: Sequence[float], ratio: Sequence[float], interpolation: str,
                    hflip: float, rotate: float, hue: float, saturation: float, exposure: float,
                    ra_ops: int, ra_magnitude: float, ra_interpolation: str, dtype_name: str,
                    channels_last: bool):
-    jpegs, labels = _reader(file_root, file_list, shard_id, num_shards, True, shuffle_seed)
+    jpegs, labels = _read(reader, train=True)
     # adjust_orientation=False: PIL (the torch path, timm) ignores EXIF orientation too
     dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False,
                random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
@@ -171,11 +183,11 @@ def _rand_augment_suite(magnitude_bin: int, on_gpu: bool):
 
 
 @pipeline_def
-def eval_pipeline(file_root: str, file_list: str, shard_id: int, num_shards: int, mixed: bool,
-                  img_size: int, resize_size: int, interpolation: str, channels_last: bool):
+def eval_pipeline(reader: Dict[str, Any], mixed: bool, img_size: int, resize_size: int,
+                  interpolation: str, channels_last: bool):
     """Resize the shorter side to `resize_size`, centre-crop img_size, normalize to float32.
-    The reader's labels are positions in the file list (see DaliEvalLoader)."""
-    jpegs, positions = _reader(file_root, file_list, shard_id, num_shards, False, 0)
+    The reader's second output is each image's position in the split (see DaliEvalLoader)."""
+    jpegs, positions = _read(reader, train=False)
     dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False)
     if mixed:  # PIL (libjpeg) upsamples chroma with the "fancy" filter; nvJPEG does not by default
         dec.update(device="mixed", jpeg_fancy_upsampling=True, device_memory_padding=0,

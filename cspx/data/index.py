@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import ClassVar, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -40,8 +40,10 @@ def cache_dir() -> str:
 
 @dataclass
 class DatasetIndex:
-    """Files under `root` with labels. `files[i]` is relative to root, e.g. 'n01440764/x.JPEG'."""
+    """Files under `root` with labels. `files[i]` is relative to root, e.g. 'n01440764/x.JPEG'.
+    A `loader.DataSplit`, as `shard_reader.ShardSplit` is."""
 
+    format: ClassVar[str] = "folder"
     root: str
     classes: List[str]            # classes[k] is the wnid of label k
     files: List[str]
@@ -57,6 +59,16 @@ class DatasetIndex:
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.files[i])
+
+    def read(self, i: int) -> bytes:
+        with open(self.path(i), "rb") as f:
+            return f.read()
+
+    def name(self, i: int) -> str:
+        return self.files[i]
+
+    def location(self, i: int) -> str:
+        return self.path(i)
 
     def fingerprint(self) -> str:
         """Identity of the contents as training sees them: files, labels and class list."""

@@ -4,18 +4,50 @@ evaluator may ask of a loader, whichever kind (torch, DALI; folder or shards) it
 The trainer and `eval_metrics.evaluate` use only these members, so a new loader kind plugs in
 without touching them. `CountedPosition` is the position bookkeeping every training loader
 shares: its whole resumable position is the number of micro-batches handed out.
+
+`DataSplit` is the other side: what every loader reads of a dataset split, whichever format
+(data.format) stores it: a folder (`index.DatasetIndex`) or shards (`shard_reader.ShardSplit`).
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Iterator, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (ClassVar, Dict, Iterable, Iterator, List, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
+import numpy as np
 import torch
 
 from cspx.errors import CspxError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]                 # images (N,3,H,W), labels (N,) int64
 EvalBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # + indices (N,) into the index
+
+
+@runtime_checkable
+class DataSplit(Protocol):
+    """One split of a dataset: sample i is an image file's bytes and a label. Indices run over
+    the samples kept (excluded files or shards are not in them) in the split's fixed order."""
+
+    format: ClassVar[str]     # "folder" or "shards": data.format, resolved
+    root: str
+    classes: List[str]        # classes[k] is the wnid of label k
+    labels: np.ndarray        # int64, shape (len,)
+    excluded: Dict[str, str]  # what was left out (a file or a shard) -> why
+
+    def __len__(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def read(self, i: int) -> bytes: ...     # the image file's bytes, untouched
+
+    def name(self, i: int) -> str: ...       # its path relative to the split, 'wnid/file'
+
+    def location(self, i: int) -> str: ...   # where to find it, for messages
+
+    def fingerprint(self) -> str: ...        # samples and labels, for resume checks
+
+    def subset(self, n: int) -> "DataSplit": ...  # the first n samples (--limit)
 
 
 @runtime_checkable

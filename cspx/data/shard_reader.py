@@ -66,7 +66,10 @@ def load_table(root: str, split: str, m: Manifest) -> np.ndarray:
 
 
 class ShardSplit:
-    """One split ('train', 'val') of the sharded dataset at `root`."""
+    """One split ('train', 'val') of the sharded dataset at `root`: a `loader.DataSplit`, as a
+    folder's `index.DatasetIndex` is, so every loader reads either."""
+
+    format = "shards"
 
     def __init__(self, root: str, split: str, bad_shards: str = "refuse",
                  manifest: Optional[Manifest] = None, warn: bool = True):
@@ -173,6 +176,15 @@ class ShardSplit:
         r = self._rows[i]
         return self._pread(int(r["shard"]), int(r["path_offset"]),
                            int(r["path_size"])).decode("utf-8")
+
+    def location(self, i: int) -> str:
+        """For messages: the original path and the shard holding it."""
+        tar = self._tars[int(self._rows[i]["shard"])]
+        try:
+            what = self.name(i)
+        except OSError:  # the shard lost its end after the start-up check
+            what = "its path unreadable"
+        return f"{what} (sample {int(self.positions[i])} in {tar})"
 
     def paths(self) -> List[str]:
         """Every sample's original path, in order (reads them all: for evaluation reports)."""

@@ -1,5 +1,6 @@
 """The torch data path, at every training step and evaluation: PIL decoding in DataLoader
-workers, sharded by rank, resumable.
+workers, sharded by rank, resumable. It reads any `loader.DataSplit`: a folder's files, or a
+sharded dataset's samples by offset (shard_reader.ShardSplit); only `read(i)` differs.
 
 Order. Epoch e is a permutation of the index drawn from (seed, e). Optimizer step s over all ranks
 consumes consecutive global micro-batches of `micro_batch * world` images; rank r takes slice r of
@@ -8,9 +9,10 @@ are disjoint within an epoch, and the whole position is one integer: micro-batch
 The last `n mod (micro_batch * world)` images of each permutation are left out of that epoch
 (they are different images each epoch).
 
-Bad files. The index already excludes files failing the quick scan; a file that still fails to
-decode is named in a warning, counted, and replaced by the next file of the index, with the
-original sample's random seed, so a run never crashes and stays deterministic.
+Bad files. The index already excludes files failing the quick scan (make_shards.py leaves out
+images that do not decode); a sample that still fails to read or decode is named in a warning
+(its original path), counted, and replaced by the next sample of the split, with the original
+sample's random seed, so a run never crashes and stays deterministic.
 
 Generators. Every DataLoader gets a generator of its own: a DataLoader draws its workers' base
 seed from its generator each time an iterator is made, and with the default (torch's global
@@ -27,10 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cspx.config import AugConfig
-from cspx.data.index import DatasetIndex
-from cspx.data.loader import CountedPosition, check_fits
-from cspx.data.transforms import (TrainTransform, eval_transform, load_rgb, mean_std, normalize_,
-                                  sample_seed, seeded)
+from cspx.data.loader import CountedPosition, DataSplit, check_fits
+from cspx.data.transforms import (TrainTransform, decode_rgb, eval_transform, mean_std,
+                                  normalize_, sample_seed, seeded)
 from cspx.errors import CspxError
 
 log = logging.getLogger("cspx")
@@ -40,7 +41,7 @@ MAX_REPLACEMENTS = 16
 class TrainDataset(Dataset):
     """Item key is (epoch, index): the pair seeds the sample's augmentation."""
 
-    def __init__(self, index: DatasetIndex, aug: AugConfig, seed: int):
+    def __init__(self, index: DataSplit, aug: AugConfig, seed: int):
         self.index, self.seed, self.transform = index, seed, TrainTransform(aug)
 
     def __len__(self) -> int:
@@ -52,24 +53,25 @@ class TrainDataset(Dataset):
         for attempt in range(MAX_REPLACEMENTS):
             j = (i + attempt) % n
             try:
-                img = load_rgb(self.index.path(j))
+                img = decode_rgb(self.index.read(j))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-                log.warning(f"{self.index.path(j)}: cannot decode ({type(e).__name__}: {e}); "
+                log.warning(f"{self.index.location(j)}: cannot decode ({type(e).__name__}: {e}); "
                             f"replaced by the next file")
                 continue
             with seeded(sample_seed(self.seed, epoch, i)):
                 x = self.transform(img)
             return x, int(self.index.labels[j]), attempt
+        fix = ("run scripts/make_shards.py --verify on data.root" if self.index.format == "shards"
+               else "run scripts/check_dataset.py and set data.exclude to the list it writes")
         raise CspxError(f"{MAX_REPLACEMENTS} consecutive files failed to decode near "
-                        f"{self.index.path(i)}; run scripts/check_dataset.py and set "
-                        f"data.exclude to the list it writes")
+                        f"{self.index.location(i)}; {fix}")
 
 
 class EvalDataset(Dataset):
     """Returns (uint8 image, label, index); label -1 marks an image that failed to decode, which
     evaluation leaves out (and counts) rather than replacing, so nothing is counted twice."""
 
-    def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str):
+    def __init__(self, index: DataSplit, img_size: int, crop_pct: float, interpolation: str):
         self.index = index
         self.transform = eval_transform(img_size, crop_pct, interpolation)
         self.blank = torch.zeros(3, img_size, img_size, dtype=torch.uint8)
@@ -79,9 +81,10 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_rgb(self.index.path(i))), int(self.index.labels[i]), i
+            return self.transform(decode_rgb(self.index.read(i))), int(self.index.labels[i]), i
         except Exception as e:
-            log.warning(f"{self.index.path(i)}: cannot decode ({type(e).__name__}: {e}); skipped")
+            log.warning(f"{self.index.location(i)}: cannot decode ({type(e).__name__}: {e}); "
+                        f"skipped")
             return self.blank, -1, i
 
 
@@ -93,20 +96,26 @@ class EpochBatchSampler:
         check_fits("training", n, micro_batch, world, partial=False)
         self.batches_per_epoch = n // (micro_batch * world)
         self.start = start
+        self._perm: Tuple[int, List[int]] = (-1, [])  # the last epoch's permutation
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
         return torch.randperm(self.n, generator=g)
 
+    def batch(self, k: int) -> Tuple[int, List[int]]:
+        """(epoch, this rank's indices) of global micro-batch k. The DALI loader asks for batches
+        in this order too, on shards (dali_sources.ShardTrainSource)."""
+        e, b = divmod(k, self.batches_per_epoch)
+        if self._perm[0] != e:
+            self._perm = (e, self.permutation(e).tolist())
+        lo = (b * self.world + self.rank) * self.mb
+        return e, self._perm[1][lo:lo + self.mb]
+
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         k = self.start
-        epoch, perm = -1, None
         while True:
-            e, b = divmod(k, self.batches_per_epoch)
-            if e != epoch:
-                epoch, perm = e, self.permutation(e).tolist()
-            lo = (b * self.world + self.rank) * self.mb
-            yield [(epoch, i) for i in perm[lo:lo + self.mb]]
+            epoch, indices = self.batch(k)
+            yield [(epoch, i) for i in indices]
             k += 1
 
 
@@ -165,7 +174,7 @@ class TorchTrainLoader(CountedPosition):
 
     kind = "torch"
 
-    def __init__(self, index: DatasetIndex, aug: AugConfig, seed: int, micro_batch: int,
+    def __init__(self, index: DataSplit, aug: AugConfig, seed: int, micro_batch: int,
                  rank: int, world: int, workers: int, device: torch.device, channels_last: bool,
                  dtype: torch.dtype = torch.float32):
         self.dataset = TrainDataset(index, aug, seed)
@@ -215,7 +224,7 @@ class TorchEvalLoader:
 
     kind = "torch"
 
-    def __init__(self, index: DatasetIndex, img_size: int, crop_pct: float, interpolation: str,
+    def __init__(self, index: DataSplit, img_size: int, crop_pct: float, interpolation: str,
                  batch_size: int, rank: int, world: int, workers: int, device: torch.device,
                  channels_last: bool):
         check_fits("validation", len(index), batch_size, world, partial=True)

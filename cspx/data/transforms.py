@@ -13,6 +13,7 @@ decodes it or how many workers there are, and a resumed run reproduces it exactl
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from contextlib import contextmanager
 from typing import Iterator
@@ -56,12 +57,17 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode; grayscale, CMYK and palette images become RGB."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
+def decode_rgb(data: bytes) -> Image.Image:
+    """Fully decode an image file's bytes; grayscale, CMYK and palette images become RGB. The
+    same bytes decode to the same pixels whether they came from a file or a shard."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
     return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return decode_rgb(f.read())
 
 
 def to_uint8_chw(img: Image.Image) -> torch.Tensor:
