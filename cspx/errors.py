@@ -13,6 +13,12 @@ class CspxError(Exception):
     """Bad input from the user (a file, key or value). Printed as one line; exit code 2."""
 
 
+def last_line(text: str) -> str:
+    """The last non-empty line of a child process's stderr: its one-line error."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
 def run_cli(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run `main(argv)`; a CspxError becomes `error: <message>` on stderr and exit code 2.
 

@@ -26,6 +26,7 @@ from argparse import Namespace
 from typing import Dict, List, Optional, Tuple
 
 from cspx.config import load_config
+from cspx.errors import CspxError, last_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAT_AFTER = 2        # epochs of warm-up before memory must be flat
@@ -95,9 +96,11 @@ def measure(recipe: str, loader: str, epochs: int, workers: int, extra: List[str
             time.sleep(0.1)
         if proc.poll() is None:
             proc.kill()
-            raise TimeoutError(f"{loader}: {len(samples)} of {epochs} epochs in {timeout:.0f} s")
+            raise CspxError(f"memory benchmark: the {loader} run did {len(samples)} of {epochs} "
+                            f"epochs in --timeout {timeout:.0f} s; raise --timeout")
         if proc.returncode != 0:
-            raise RuntimeError(f"{loader}: train.py failed: {proc.stderr.read()[-2000:]}")
+            raise CspxError(f"memory benchmark: the {loader} run failed: "
+                            f"{last_line(proc.stderr.read())}")
     finally:
         if proc.poll() is None:
             proc.kill()

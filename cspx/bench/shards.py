@@ -34,6 +34,7 @@ from typing import Dict, List, Tuple
 
 from cspx.bench.common import alternate, make_jpegs, median
 from cspx.data.index import cache_dir
+from cspx.errors import CspxError, last_line
 
 QUALITY = 94          # JPEG quality giving ImageNet's ~110 KB per 500x375 image (common.py)
 DEFAULT_IMAGES = 50_000
@@ -106,7 +107,7 @@ def _launch(args: Namespace, overrides: List[str], cache: str) -> Dict[str, floa
                        env=dict(os.environ, CSPX_CACHE=cache, PYTHONPATH=ROOT),
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"benchmark child failed:\n{r.stderr[-3000:]}")
+        raise CspxError(f"shards benchmark: a measuring process failed: {last_line(r.stderr)}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     return {"startup": out["first_batch"] - t0, "data": out["first_batch"] - out["data_start"],
             "img/s": out["img/s"]}
