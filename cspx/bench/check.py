@@ -213,7 +213,7 @@ def digest(paths: Sequence[str]) -> List[str]:
             figs = [f"{k} {v:,.4g}" if isinstance(v, float) else f"{k}: {v}"
                     for k, v in row.items() if k in DIGEST_KEYS]
             out.append(f"  {what}: {', '.join(figs) or 'not measured'}")
-    return out
+    return out or ["no benchmark ran"]
 
 
 def main(argv: Sequence[str]) -> int:
