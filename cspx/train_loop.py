@@ -9,6 +9,7 @@ is a host-side collective.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
@@ -94,24 +95,35 @@ class Trainer:
         self.preemption = Preemption()
         self.vote = StopVote(env)
         self.forward_model: nn.Module = model  # replaced by wrap(): DDP and/or compiled
+        self._graphs = False                   # wrap(): CUDA graphs replay the forward pass
         self._window = (time.perf_counter(), 0)  # (time, images) at the last log
         self._pending = None                     # a batch taken early for the image grid
 
     # ----- setup ------------------------------------------------------------------------------
-    def wrap(self) -> None:
+    def wrap(self, compile_backend: str = "inductor") -> None:
         """DistributedDataParallel, then torch.compile; self.model stays the plain module.
 
-        broadcast_buffers=False: DDP would otherwise broadcast rank 0's BatchNorm statistics
-        before every forward pass; cspx broadcasts them once before each evaluation instead,
-        which is the only place the ranks' statistics are used."""
+        No buffer sync in the forward pass (`broadcast_buffers=False`, named
+        `forward_sync_buffers` since torch 2.14): DDP would otherwise broadcast rank 0's
+        BatchNorm statistics before every forward pass; cspx broadcasts them once before each
+        evaluation instead, which is the only place the ranks' statistics are used. `compile_backend` other than
+        inductor is for rehearsing the compile path on a CPU (scripts/gpu_check.sh --rehearse:
+        aot_eager traces and differentiates the model without generating kernels)."""
         m: nn.Module = self.model
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            m = nn.parallel.DistributedDataParallel(m, device_ids=ids, gradient_as_bucket_view=True,
-                                                    broadcast_buffers=False)
+            ddp = nn.parallel.DistributedDataParallel
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                       inspect.signature(ddp).parameters else "broadcast_buffers")
+            m = ddp(m, device_ids=ids, gradient_as_bucket_view=True, **{no_sync: False})
         if self.cfg.model.compile:
-            m = torch.compile(m, mode=self.cfg.model.compile_mode)
+            mode = self.cfg.model.compile_mode
+            m = (torch.compile(m, mode=mode) if compile_backend == "inductor" else
+                 torch.compile(m, backend=compile_backend))
         self.forward_model = m
+        # CUDA graphs (reduce-overhead) reuse their output buffers from one replay to the next:
+        # each forward pass is marked as a new iteration, as this loop never keeps an output
+        self._graphs = self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead"
 
     # ----- checkpoint -------------------------------------------------------------------------
     def parts(self):
@@ -144,6 +156,8 @@ class Trainer:
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = micro == t.accum_steps - 1 or not self.env.distributed
             with nullcontext() if sync else self.forward_model.no_sync():
+                if self._graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with precision.autocast(self.precision, self.env.device):
                     logits = self.forward_model(images)
                     loss = training_loss(logits, labels, t.label_smoothing)

@@ -1,9 +1,11 @@
-"""cspx benchmarks. Each mode prints a table last; --json writes the figures.
+"""cspx benchmarks. Each mode prints a table last; --json writes the figures (rewritten after
+every measured row, with "complete": false until the mode finishes).
 
   model       forward+backward+step on device tensors over batch/precision/channels_last/compile
   loader      the DALI and torch training loaders alone on a folder of real JPEGs
   train       full trainer steps with the real loader vs synthetic data, and the plain-PyTorch
-              baseline (ImageFolder + PIL + DataLoader + autocast + SGD) in the same run
+              baseline (ImageFolder + PIL + DataLoader + autocast + SGD) in the same run, per
+              batch size (--batch-sizes) and compile mode (--compile-modes)
   baseline    same as train (the baseline is always measured beside cspx, so ratios hold)
   validate    evaluation img/s per loader
   overhead    the trainer's step time vs a bare loop on the same model, batch and tensors
@@ -12,27 +14,44 @@
   memory      host memory (trainer + workers) at every epoch boundary of a long train.py run,
               per loader (default recipe: the demo; --epochs, default 30)
   shards      sharded dataset vs loose files: startup, loader img/s, copy (cspx/bench/shards.py)
+  evaldiff    DALI's evaluation images against PIL's on the same JPEGs, and probe top-1 agreement
 
 Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
   python scripts/benchmark.py loader --data ../shared/imagenet-sample/val --workers 2
   python scripts/benchmark.py train --make-data 2000 --model cspresnext_tiny --img-size 128
+  python scripts/benchmark.py model --batch-sizes 128,256 --precisions bf16 --channels-last-grid on \\
+      --compile-modes eager,default,reduce-overhead
   python scripts/benchmark.py checkpoint --out-dir /data/runs/bench
   python scripts/benchmark.py memory --epochs 30 --workers 2
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cspx.errors import CspxError, run_cli  # noqa: E402
+from cspx.errors import CspxError, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "..", "shared", "imagenet-sample", "val")
+# mode -> "module:function"; the function takes the parsed args and returns (rows, extra)
+MODES = {
+    "model": "cspx.bench.steps:model",
+    "loader": "cspx.bench.io:loader",
+    "train": "cspx.bench.steps:train",
+    "baseline": "cspx.bench.steps:train",
+    "validate": "cspx.bench.io:validate",
+    "overhead": "cspx.bench.steps:overhead",
+    "checkpoint": "cspx.bench.io:checkpoint",
+    "augment": "cspx.bench.augment:augment",
+    "evaldiff": "cspx.bench.evaldiff:evaldiff",
+    "memory": "cspx.bench.memory:memory",
+    "shards": "cspx.bench.shards:bench",
+}
+NEEDS_DATA = ("loader", "train", "baseline", "validate", "augment", "evaldiff")
+COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def flag_list(kind):
@@ -43,11 +62,18 @@ def bools(s):
     return {"on": [True], "off": [False], "both": [False, True]}[s]
 
 
+def compile_modes(s):
+    modes = s.split(",")
+    for m in modes:
+        if m not in COMPILE_MODES:
+            raise argparse.ArgumentTypeError(f"{m!r} is not one of {', '.join(COMPILE_MODES)}")
+    return modes
+
+
 def parse(argv):
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["model", "loader", "train", "baseline", "validate", "overhead",
-                                    "checkpoint", "augment", "memory", "shards"])
+    p.add_argument("mode", choices=list(MODES))
     p.add_argument("--recipe", help="augmentations, optimizer and loss come from here (default: "
                    "recipes/cspresnext50_ra.yaml; the memory mode: recipes/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -61,22 +87,39 @@ def parse(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--steps", type=int, default=10, help="steps (or batches) per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternating rounds; medians are reported (evaldiff: probe seeds)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="steps (loader: batches) before timing, whatever the worker count")
     p.add_argument("--data", help="ImageNet-layout folder of JPEGs (default: the shared sample)")
     p.add_argument("--make-data", type=int, metavar="N",
                    help="generate N JPEGs of ImageNet size (~500x375, q90) and use them")
     p.add_argument("--loader", default="auto", choices=["auto", "torch", "dali"], help="train mode")
-    p.add_argument("--loaders", type=flag_list(str), default=["dali", "torch"], help="loader/validate")
-    p.add_argument("--batch-sizes", type=flag_list(int), default=[32, 64], help="model mode")
+    p.add_argument("--loaders", type=flag_list(str), default=["dali", "torch"],
+                   help="loader mode: dali, dali-copy, dali-zerocopy, torch; validate: dali, torch")
+    p.add_argument("--batch-sizes", type=flag_list(int),
+                   help="model mode (default 32,64) and train mode (default: --batch)")
     p.add_argument("--precisions", type=flag_list(str), default=["fp32", "bf16"], help="model mode")
     p.add_argument("--channels-last-grid", type=bools, default=[False, True], metavar="{on,off,both}")
-    p.add_argument("--compile-grid", type=bools, default=[False], metavar="{on,off,both}")
+    p.add_argument("--compile-modes", type=compile_modes, default=["eager"],
+                   help="model and train modes: comma list of " + ", ".join(COMPILE_MODES))
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (aot_eager rehearses compiling on a CPU)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="train mode: measure the plain-PyTorch baseline too")
     p.add_argument("--out-dir", help="checkpoint mode: the disk to write to (default: a temp dir)")
     p.add_argument("--epochs", type=int, default=30, help="memory mode: epochs per loader")
     p.add_argument("--timeout", type=float, default=3600, help="memory mode: seconds per loader")
     p.add_argument("--json", help="write the results here (an existing file is overwritten)")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.batch_sizes is None:
+        a.batch_sizes = [32, 64] if a.mode == "model" else [a.batch]
+    for name in ("batch", "steps", "rounds", "img_size"):
+        if getattr(a, name) <= 0:
+            raise CspxError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(a, name)}")
+    if a.warmup < 0 or min(a.batch_sizes) <= 0:
+        raise CspxError("--warmup and --batch-sizes: must be >= 0 and > 0")
     a.recipe_given = a.recipe is not None
     a.recipe = a.recipe or os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml")
     import torch
@@ -86,8 +129,8 @@ def parse(argv):
 
 
 def _data(args):
+    from cspx.bench.common import make_jpegs, sample_root
     if args.make_data:
-        from cspx.bench.common import make_jpegs
         from cspx.data.index import cache_dir
         folder = os.path.join(cache_dir(), f"bench-jpegs-{args.make_data}")
         t = time.time()
@@ -96,38 +139,42 @@ def _data(args):
         return folder
     if args.data:
         return args.data
-    if os.path.isdir(SAMPLE):
-        return SAMPLE
-    raise CspxError(f"--data: no folder given and the ImageNet sample {SAMPLE} is absent; "
+    sample = os.path.join(sample_root(), "val")
+    if os.path.isdir(sample):
+        return sample
+    raise CspxError(f"--data: no folder given and the ImageNet sample {sample} is absent; "
                     f"pass --data DIR or --make-data N")
 
 
 def main(argv):
     args = parse(argv)
     import torch
-    from cspx.bench import augment, common, io, memory, shards, steps
+    from cspx.bench.common import Report, table
+    from cspx.bench.steps import device_of
     from cspx.runlog import provenance, format_provenance
-    if args.mode in ("loader", "train", "baseline", "validate", "augment"):
+    if args.mode in NEEDS_DATA:
         args.data = _data(args)
-    fn = {"model": steps.model, "overhead": steps.overhead, "train": steps.train,
-          "baseline": steps.train, "loader": io.loader, "validate": io.validate,
-          "checkpoint": io.checkpoint, "augment": augment.augment, "memory": memory.memory,
-          "shards": shards.bench}[args.mode]
-    dev = steps.device_of(args)
+    module, name = MODES[args.mode].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    dev = device_of(args)
     prov = provenance(dev)
     print("benchmark " + args.mode + "\n" + format_provenance(prov), file=sys.stderr)
+    args.report = Report(args.json, {"mode": args.mode, "args": dict(vars(args)),
+                                     "provenance": prov})
     rows, extra = fn(args)
+    args.report.finish(rows, extra)
     summary = {k: v for k, v in extra.items() if k != "raw"}
-    batch = "" if args.mode == "model" else f" batch {args.batch}"
+    batch = "" if args.mode in ("model", "train", "baseline") else f" batch {args.batch}"
     title = (f"{args.mode}: {args.model}{batch} at {args.img_size} px on "
              f"{prov['device']}, torch {torch.__version__}")
-    if args.json:
-        common.write_json(args.json, {"mode": args.mode, "args": {k: v for k, v in vars(args).items()},
-                                      "provenance": prov, "rows": rows, **extra})
-    print(common.table(rows, title))
+    print(table(rows, title))
     for k, v in summary.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-    return 0
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        print(f"failed: {', '.join(f'{k}={v}' for k, v in r.items() if k != 'error')}: "
+              f"{r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

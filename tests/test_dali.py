@@ -16,12 +16,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 if not (sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")):
     # elsewhere the wheel does not exist; on Linux it is a dependency, and must import (in CI too)
     pytest.importorskip("nvidia.dali", reason="DALI wheels exist for Linux x86_64/aarch64 only")
 
+from cspx.bench.evaldiff import Probe  # noqa: E402
 from cspx.config import AugConfig  # noqa: E402
 from cspx.data.dali_loader import DaliEvalLoader, DaliTrainLoader, dali_available  # noqa: E402
 from cspx.data.index import DatasetIndex, build_index, read_classes_file  # noqa: E402
@@ -123,34 +123,6 @@ def test_eval_tensors_close_to_pil(index, eval_pair):
     assert np.mean(means) < 0.01
     assert max(means) < 0.02
     assert max(maxes) < 2.5 * GREY_LEVEL
-
-
-class Probe(nn.Module):
-    """A model whose top-1 varies across images without trained weights: random conv features
-    with BatchNorm statistics of the sample images, centred on their mean (a random network's
-    pooled features share one dominant direction, which makes every argmax the same), then a
-    random linear readout over 1000 classes. It sees full-resolution detail, like a real net."""
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for co in (32, 64, 128, 256):
-            layers += [nn.Conv2d(c, co, 3, 2, 1, bias=False), nn.BatchNorm2d(co, momentum=None),
-                       nn.ReLU()]
-            c = co
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(c, 1000, bias=False)
-        self.register_buffer("center", torch.zeros(c))
-
-    @torch.no_grad()
-    def calibrate(self, x):
-        self.train()
-        self.features(x)  # momentum=None: running stats become this batch's statistics
-        self.eval()
-        self.center.copy_(self.features(x).mean(0))
-
-    def forward(self, x):
-        return self.fc(self.features(x) - self.center)
 
 
 def test_top1_agreement_with_pil(index, eval_pair):
@@ -457,6 +429,32 @@ def test_pipelines_are_torn_down(env, index):
         assert threads() <= before
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_copy_owns_its_memory_and_zero_copy_is_a_view(channels_last):
+    """On a GPU the loaders copy DALI's output into torch-owned memory (own=True); the CPU path
+    and the benchmark's zero-copy row use DALI's buffer as it is (own=False)."""
+    from cspx.data.dali_loader import _images
+    x = torch.randn(4, 8, 6, 3) if channels_last else torch.randn(4, 3, 8, 6)
+    owned, view = _images(x, channels_last, own=True), _images(x, channels_last, own=False)
+    assert owned.shape == view.shape == (4, 3, 8, 6) and torch.equal(owned, view)
+    assert owned.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert owned.is_contiguous(memory_format=torch.channels_last if channels_last
+                               else torch.contiguous_format)
+    x.zero_()  # DALI reusing its buffer: the copy keeps the batch, the view follows the buffer
+    assert not torch.equal(owned, view) and float(view.abs().sum()) == 0.0
+
+
+def test_copy_out_defaults_to_the_device(env, index):
+    cpu = train_loader(env, index, AugConfig(img_size=32))
+    assert cpu.copy_out is False
+    forced = DaliTrainLoader(index, AugConfig(img_size=32), 0, 8, 0, 1, 1, CPU, False,
+                             file_list_dir=str(env / "lists"), copy_out=True)
+    x, _ = next(forced)
+    assert forced.copy_out and x.shape == (8, 3, 32, 32)
+    forced.close()
+
+
 # ----- GPU (pytest -m gpu) ----------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
@@ -489,6 +487,24 @@ def test_gpu_eval_close_to_pil(env, index, eval_pair):
     print(f"\nDALI(mixed) vs PIL: mean|d| avg {np.mean(means):.4f} max {max(means):.4f}")
     assert labels == dict(enumerate(index.labels.tolist()))
     assert np.mean(means) < 0.03
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_eval_labels_and_positions_stay_on_the_device(env, index):
+    """Positions come out of the pipeline on the GPU and labels are gathered there: no batch of
+    the evaluation loader visits the host."""
+    dev = torch.device("cuda", 0)
+    loader = DaliEvalLoader(index, 64, 0.875, "bilinear", 32, 0, 1, 4, dev, True,
+                            file_list_dir=str(env / "lists"))
+    assert loader.labels.device.type == "cuda"
+    got = {}
+    for x, y, i in loader:
+        assert x.device.type == y.device.type == i.device.type == "cuda"
+        assert i.dtype == y.dtype == torch.int64
+        got.update(zip(i.tolist(), y.tolist()))
+    loader.close()
+    assert got == dict(enumerate(index.labels.tolist()))
 
 
 @pytest.mark.gpu

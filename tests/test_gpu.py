@@ -1,6 +1,8 @@
-"""CUDA paths (run by scripts/gpu_check.sh with `pytest -m gpu`; skipped without a GPU)."""
+"""CUDA paths (run by scripts/gpu_check.sh with `pytest -m gpu`; skipped without a GPU). Tests
+marked `compile` run in gpu_check's own compile step, after the others."""
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 
 import pytest
@@ -11,17 +13,18 @@ from conftest import run_py
 pytestmark = pytest.mark.gpu
 
 
-def make(recipe_over, loader=None, steps=4):
-    from cspx.bench.steps import make_trainer, resolved
+def make(recipe_over, loader=None, steps=4, batch=32):
+    """A trainer on a fixed batch shaped and typed as the run's loader would hand it over."""
+    from cspx.bench.steps import make_trainer, resolved, synthetic
     from cspx.config import load_config
-    from cspx.bench.fixed import FixedBatchLoader
     cfg = load_config("recipes/cspresnext50_ra.yaml",
                       ["run.device=cuda", f"train.steps={steps}", "sched.burn_in=1",
-                       "train.batch_size=32", "eval.every_steps=0", "run.tensorboard=false",
+                       f"train.batch_size={batch}", "eval.every_steps=0", "run.tensorboard=false",
                        *recipe_over], check_paths=False)
     dev = torch.device("cuda", 0)
     cfg = resolved(cfg, dev)
-    loader = loader or FixedBatchLoader.random(32, 224, 1000, dev, cfg.model.channels_last)
+    torch.manual_seed(0)
+    loader = loader or synthetic(cfg, dev)
     return make_trainer(cfg, dev, loader, tempfile.mkdtemp()), cfg
 
 
@@ -49,14 +52,40 @@ def test_fp16_gradscaler_step_and_state():
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.compile
 def test_compile_channels_last_checkpoint_has_plain_keys():
-    t, _ = make(["train.precision=bf16", "model.compile=true", "model.channels_last=true"])
+    # batch 128, as gpu_check's compile benchmark before it: the compiled graph is in its cache
+    t, _ = make(["train.precision=bf16", "model.compile=true", "model.channels_last=true"],
+                batch=128)
     for _ in range(2):
         t.train_step()
     keys = list(t.state_dict()["model"])
     assert keys[0] == "stem.conv1.conv.weight" and not any("_orig_mod" in k or "module." in k for k in keys)
     w = t.model.stem.conv1.conv.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.compile
+def test_cuda_graphs_train_as_eager_does():
+    """mode reduce-overhead (CUDA graphs replaying forward and backward, outside them the fused
+    SGD step) computes what eager mode computes: the same losses from the same weights and
+    batch, up to bf16 rounding of differently fused kernels."""
+    losses = {}
+    for mode in ("eager", "reduce-overhead"):
+        over = ["train.precision=bf16", "model.channels_last=true", "run.log_every_steps=1"]
+        if mode != "eager":
+            over += ["model.compile=true", f"model.compile_mode={mode}"]
+        t, _ = make(over, steps=6, batch=128)
+        got = []
+        for _ in range(5):
+            t.progress.loss_sum.zero_()
+            t.train_step()
+            got.append(float(t.progress.loss_sum))
+        losses[mode] = got
+        torch._dynamo.reset()
+    print("\nlosses eager / reduce-overhead:", losses)
+    for a, b in zip(losses["eager"], losses["reduce-overhead"]):
+        assert abs(a - b) <= 0.02 * abs(a)
 
 
 def test_auto_precision_is_bf16_or_fp16_on_gpu():
@@ -66,8 +95,11 @@ def test_auto_precision_is_bf16_or_fp16_on_gpu():
 
 
 def test_demo_trains_on_gpu_with_dali(demo_data, tmp_path):
+    # TensorBoard (its image grid holds a DALI batch) where the machine has it
+    tb = importlib.util.find_spec("tensorboard") is not None
     r = run_py(["train.py", "--recipe", "recipes/demo.yaml", f"run.dir={tmp_path}", f"data.root={demo_data}",
                 "run.device=cuda", "data.loader=dali", "train.precision=auto", "train.steps=60",
-                "sched.burn_in=5", "eval.every_steps=60", "model.channels_last=true"])
+                "sched.burn_in=5", "eval.every_steps=60", "model.channels_last=true",
+                f"run.tensorboard={str(tb).lower()}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dali loader" in r.stderr and "cuda" in r.stderr

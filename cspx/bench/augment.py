@@ -40,21 +40,26 @@ def _images(args: Namespace, count: int) -> List[np.ndarray]:
     return out
 
 
-def _dali_runner(images, op, m: int, interp, size: int):
-    """Seconds per image of `op` (an auto_aug augmentation, or a list of them: RandAugment with
-    n=2 over that suite) on one DALI CPU thread, minus the same pipeline without it."""
+def _dali_runner(images, op, m: int, interp, size: int, base=None):
+    """Seconds per image of `op` on one DALI CPU thread, minus the same pipeline without it.
+    `op` is an auto_aug augmentation, a list of them (RandAugment with n=2 over that suite), or
+    a plain function of a DALI node; `base(node)`, when given, runs in both pipelines first."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
-    from nvidia.dali.auto_aug.core import signed_bin
+    from nvidia.dali.auto_aug.core import _Augmentation, signed_bin
 
     @pipeline_def(enable_conditionals=True)
     def pipe(apply):
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        if base is not None:
+            x = base(x)
         if not apply:
             return x
         kw = dict(num_magnitude_bins=RA_BINS, shape=[size, size], fill_value=0, interp_type=interp)
         if isinstance(op, list):
             return rand_augment.apply_rand_augment(op, x, n=2, m=m, **kw)
+        if not isinstance(op, _Augmentation):
+            return op(x)
         # a random sign per image, as RandAugment draws it; each op takes the kwargs it names
         return op(x, magnitude_bin=signed_bin(m, random_sign=fn.random.coin_flip(
             dtype=types.INT32)), **kw)
@@ -76,6 +81,17 @@ def _dali_runner(images, op, m: int, interp, size: int):
             ts.append((time.perf_counter() - t) / 3)
         return (ts[1] - ts[0]) / len(images)
     return run
+
+
+def _dali_extras():
+    """Rows behind figures the docs quote: DALI's own contrast and solarize (which cspx's suite
+    rebuilds) and the float -> uint8 cast alone. (row name, DALI op, base, torchvision op)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.auto_aug import augmentations as aa
+    return [("contrast (DALI's own op)", aa.contrast, None, "Contrast"),
+            ("solarize (DALI's own op)", aa.solarize, None, "Solarize"),
+            ("float -> uint8 cast", lambda x: fn.cast(x, dtype=types.UINT8),
+             lambda x: fn.cast(x, dtype=types.FLOAT), None)]
 
 
 def _torch_runner(pil_images, name: str, m: int, interp, size: int):
@@ -111,20 +127,24 @@ def augment(args: Namespace) -> Tuple[List[Dict], Dict]:
     images = _images(args, args.batch)
     pil = [Image.fromarray(a) for a in images]
     suite = _rand_augment_suite(m, on_gpu=False)
-    # (row name, DALI op or the whole suite, torchvision op name)
-    contenders = [(op.name, op, TV_NAMES[op.name]) for op in suite]
-    contenders.append(("RandAugment, 2 ops", suite, "randaugment"))
+    # (row name, DALI op or the whole suite, base, torchvision op name or None)
+    contenders = [(op.name, op, None, TV_NAMES[op.name]) for op in suite]
+    contenders.append(("RandAugment, 2 ops", suite, None, "randaugment"))
+    contenders += _dali_extras()
     runs = {}
-    for row, dali_op, tv in contenders:
-        runs[(row, "dali")] = _dali_runner(images, dali_op, m, DALI_INTERP[mode], args.img_size)
-        runs[(row, "tv")] = _torch_runner(pil, tv, m, INTERP[mode], args.img_size)
+    for row, dali_op, base, tv in contenders:
+        runs[(row, "dali")] = _dali_runner(images, dali_op, m, DALI_INTERP[mode], args.img_size,
+                                           base)
+        if tv is not None:
+            runs[(row, "tv")] = _torch_runner(pil, tv, m, INTERP[mode], args.img_size)
     res = alternate(runs, args.rounds)
     rows = []
-    for row, _, _ in contenders:
-        d, t = median(res[(row, "dali")]) * 1e3, median(res[(row, "tv")]) * 1e3
+    for row, _, _, tv in contenders:
+        d = median(res[(row, "dali")]) * 1e3
+        t = median(res[(row, "tv")]) * 1e3 if tv is not None else None
         # identity costs nothing in either: its difference is timing noise, and so is its ratio
-        rows.append({"op": row, "DALI ms/img": d, "torchvision ms/img": t,
-                     "DALI / torchvision": d / t if min(d, t) > 0.01 else "-"})
+        rows.append({"op": row, "DALI ms/img": d, "torchvision ms/img": "-" if t is None else t,
+                     "DALI / torchvision": d / t if t is not None and min(d, t) > 0.01 else "-"})
     raw = {f"{row} | {lib}": v for (row, lib), v in res.items()}  # JSON keys are strings
     return rows, {"magnitude_bin": m, "interpolation": mode, "images": len(images),
                   "raw": raw}

@@ -1,23 +1,33 @@
-"""Benchmarks (scripts/benchmark.py): timing and reporting shared by the modes."""
+"""Benchmarks (scripts/benchmark.py): timing and reporting shared by the modes, and the JPEGs
+they measure on."""
 from __future__ import annotations
 
 import json
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
+
+from cspx.files import atomic_write
+
+if TYPE_CHECKING:
+    import torch  # imported where used: `check data` makes JPEGs without loading torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAMPLE_ENV = "CSPX_SAMPLE_DIR"   # where the ImageNet sample is; tests and gpu_check.sh read it too
+SAMPLE_IMAGES = 105              # the sample: one image in each of 105 classes, and synsets.txt
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
         torch.cuda.synchronize(device)
 
 
-def seconds(fn: Callable[[], None], device: torch.device) -> float:
+def seconds(fn: Callable[[], Any], device: torch.device) -> float:
     """Wall time of fn() including the device work it queued."""
     sync(device)
     t = time.perf_counter()
@@ -26,13 +36,18 @@ def seconds(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def alternate(named: Dict[str, Callable[[], float]], rounds: int) -> Dict[str, List[float]]:
+def alternate(named: Dict[str, Callable[[], float]], rounds: int,
+              after_round: Optional[Callable[[Dict[str, List[float]]], None]] = None
+              ) -> Dict[str, List[float]]:
     """Run the contenders in turn, `rounds` times (A B A B ...): slow drifts of a shared machine
-    hit all of them alike, so their ratio is meaningful even when absolute figures wobble."""
+    hit all of them alike, so their ratio is meaningful even when absolute figures wobble.
+    `after_round(results so far)` runs after every round (benchmarks rewrite their JSON there)."""
     out: Dict[str, List[float]] = {k: [] for k in named}
     for _ in range(rounds):
         for k, fn in named.items():
             out[k].append(fn())
+        if after_round is not None:
+            after_round(out)
     return out
 
 
@@ -40,6 +55,31 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
+# ----- memory -------------------------------------------------------------------------------------
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        import torch
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float:
+    """Peak memory in MiB: on a GPU torch.cuda.max_memory_allocated since the last reset_peak
+    (tensors only; cuDNN workspaces and DALI's buffers are not torch's); on the CPU the process's
+    peak resident set so far (ru_maxrss, KiB on Linux), which never resets: per row it is a
+    running maximum, not the row's own peak."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_kind(device: torch.device) -> str:
+    return ("torch.cuda.max_memory_allocated during the row" if device.type == "cuda" else
+            "n/a per row on CPU: the process's peak RSS so far (running maximum over rows)")
+
+
+# ----- output -------------------------------------------------------------------------------------
 def table(rows: List[Dict], title: str) -> str:
     if not rows:
         return f"{title}: no results"
@@ -53,8 +93,44 @@ def table(rows: List[Dict], title: str) -> str:
 
 
 def write_json(path: str, payload: Dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n", durable=False)
+
+
+class Report:
+    """A benchmark's --json file, rewritten atomically whenever a row is added or updated, with
+    "complete": false until the mode returns: a run stopped at a time limit keeps every row it
+    had measured (a row updated after each round holds the medians of the rounds so far)."""
+
+    def __init__(self, path: Optional[str], header: Dict[str, Any]):
+        self.path, self.header = path, header
+        self.rows: List[Dict] = []
+        self.extra: Dict[str, Any] = {}
+        self.flush()
+
+    def row(self, r: Dict) -> Dict:
+        """Add a row (a dict the mode may keep updating, then `flush`)."""
+        self.rows.append(r)
+        self.flush()
+        return r
+
+    def flush(self, complete: bool = False) -> None:
+        if self.path:
+            write_json(self.path, {**self.header, "complete": complete, "rows": self.rows,
+                                   **self.extra})
+
+    def finish(self, rows: List[Dict], extra: Dict[str, Any]) -> None:
+        """The mode's final rows (those it did not add itself are appended) and summary."""
+        self.rows += [r for r in rows if not any(r is x for x in self.rows)]
+        self.extra = extra
+        self.flush(complete=True)
+
+
+# ----- data ---------------------------------------------------------------------------------------
+def sample_root() -> str:
+    """The ImageNet sample folder: $CSPX_SAMPLE_DIR, else ../shared/imagenet-sample beside the
+    repository."""
+    return os.environ.get(SAMPLE_ENV) or os.path.normpath(
+        os.path.join(REPO, "..", "shared", "imagenet-sample"))
 
 
 def _make_one(args) -> None:
@@ -83,6 +159,17 @@ def make_jpegs(root: str, n: int, classes: int = 10, seed: int = 0, quality: int
         folder = os.path.join(root, f"n{i % classes:08d}")
         os.makedirs(folder, exist_ok=True)
         jobs.append((os.path.join(folder, f"img_{i:06d}.JPEG"), seed * 1_000_003 + i, quality))
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        list(pool.map(_make_one, jobs, chunksize=32))
+    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, max(1, n // 8))) as pool:
+        list(pool.map(_make_one, jobs, chunksize=8))
+    return root
+
+
+def make_sample(root: str) -> str:
+    """A stand-in for the ImageNet sample where it is missing (a checkout copied alone to a GPU
+    machine): the same layout, val/<wnid>/ with one generated ImageNet-sized JPEG in each of 105
+    classes, and synsets.txt listing the classes."""
+    val = os.path.join(root, "val")
+    make_jpegs(val, SAMPLE_IMAGES, classes=SAMPLE_IMAGES, seed=7)
+    wnids = sorted(os.listdir(val))
+    atomic_write(os.path.join(root, "synsets.txt"), "".join(w + "\n" for w in wnids))
     return root

@@ -12,20 +12,23 @@ import torch
 from cspx import precision
 from cspx.bench.common import alternate, median, seconds, sync
 from cspx.bench.fixed import FixedBatchLoader
-from cspx.bench.steps import bench_config, device_of, make_trainer
+from cspx.bench.steps import SYNTHETIC_ONLY, bench_config, device_of, make_trainer
 from cspx.data.build import build_eval_loader, build_train_loader
 from cspx.data.index import build_index
 from cspx.distributed import DistEnv
+from cspx.errors import CspxError
 from cspx.eval_metrics import evaluate
 from cspx.models import create_model
 from cspx.resolve import resolve_loader
 
 
 def _fresh_loader_runner(make, warmup: int, batches: int, batch: int, device: torch.device):
-    """img/s of a loader built for this round alone: `warmup` batches fill its prefetch queues,
-    then `batches` are timed, then it is closed. A loader kept alive between rounds would keep
-    decoding in the background, competing with the other loader and banking batches for its
-    next round."""
+    """img/s of a loader built for this round alone: `warmup` batches start its workers and
+    pipeline, then `batches` are timed, then it is closed. A loader kept alive between rounds
+    would keep decoding in the background, competing with the other loader and banking batches
+    for its next round. The warm-up is a fixed number of batches, whatever the worker count:
+    consuming is far faster than producing here, so queues prefetched during the warm-up are
+    empty a few batches into the timed part."""
     def run() -> float:
         loader = make()
         try:
@@ -42,26 +45,56 @@ def _fresh_loader_runner(make, warmup: int, batches: int, batch: int, device: to
     return run
 
 
+# --loaders names: (data.loader, DaliTrainLoader.copy_out: None = its default for the device)
+LOADER_VARIANTS = {"dali": ("dali", None), "dali-copy": ("dali", True),
+                   "dali-zerocopy": ("dali", False), "torch": ("torch", None)}
+
+
+def _loader_name(variant: str, device: torch.device) -> str:
+    kind, copy = LOADER_VARIANTS[variant]
+    if kind != "dali":
+        return f"{kind} loader"
+    copy = device.type == "cuda" if copy is None else copy
+    return f"dali loader ({'copy' if copy else 'zero-copy'})"
+
+
 def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
     """The DALI and torch training loaders alone on the same JPEGs, augmentations, batch and
-    core count (DataLoader workers = DALI CPU threads = --workers)."""
+    core count (DataLoader workers = DALI CPU threads = --workers). On a GPU the DALI loader
+    copies each batch into torch-owned memory (dali_loader's docstring); `dali-copy` and
+    `dali-zerocopy` measure both choices."""
     device = device_of(args)
     index = build_index(args.data, warn=False)
     env = DistEnv(device=device)
-    runs = {}
+    bad = [v for v in args.loaders if v not in LOADER_VARIANTS]
+    if bad:
+        raise CspxError(f"--loaders: unknown {bad[0]!r}; choose from {', '.join(LOADER_VARIANTS)}")
+    runs, rows = {}, {}
+
+    def update(res):
+        for k, v in res.items():
+            rows[k].update({"img/s (median)": median(v), "rounds": len(v)})
+        args.report.flush()
+
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.loaders:
+        for variant in args.loaders:
+            kind, copy = LOADER_VARIANTS[variant]
             cfg = bench_config(args, f"data.loader={kind}")
-            make = (lambda cfg=cfg: build_train_loader(cfg, index, env, tmp))
-            # warm-up covers the deepest prefetch queue: 4 batches per DataLoader worker
-            runs[f"{kind} loader"] = _fresh_loader_runner(make, 4 * max(1, args.workers) + 2,
-                                                          args.steps, args.batch, device)
-        res = alternate(runs, args.rounds)
-    rows = [{"loader": k, "img/s (median)": median(v), "rounds": len(v)} for k, v in res.items()]
-    extra = {"images": len(index), "raw": res}
-    if "dali loader" in res and "torch loader" in res:
-        extra["dali_over_torch"] = median(res["dali loader"]) / median(res["torch loader"])
-    return rows, extra
+
+            def make(cfg=cfg, copy=copy):
+                ld = build_train_loader(cfg, index, env, tmp)
+                if copy is not None:
+                    ld.copy_out = copy
+                return ld
+            name = _loader_name(variant, device)
+            runs[name] = _fresh_loader_runner(make, args.warmup, args.steps, args.batch, device)
+            rows[name] = args.report.row({"loader": name})
+        res = alternate(runs, args.rounds, update)
+    extra = {"images": len(index), "warmup_batches": args.warmup, "raw": res}
+    dali = [k for k in res if k.startswith("dali")]
+    if dali and "torch loader" in res:
+        extra["dali_over_torch"] = median(res[dali[0]]) / median(res["torch loader"])
+    return list(rows.values()), extra
 
 
 def validate(args: Namespace) -> Tuple[List[Dict], Dict]:
@@ -82,16 +115,18 @@ def validate(args: Namespace) -> Tuple[List[Dict], Dict]:
                                args.workers, args.channels_last)
         evaluate(model, ld, env, amp)  # warm-up pass
         r = [evaluate(model, ld, env, amp) for _ in range(args.rounds)]
-        rows.append({"loader": kind, "images": r[0]["count"],
-                     "img/s (median)": median([x["count"] / x["seconds"] for x in r])})
-    return rows, {}
+        ld.close()
+        rows.append(args.report.row({"loader": kind, "images": r[0]["count"],
+                                     "img/s (median)": median([x["count"] / x["seconds"]
+                                                               for x in r])}))
+    return rows, {"precision": amp}
 
 
 def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
     """Saving a full training state (model, SGD momentum, EMA) with cspx's atomic writer vs a
     bare torch.save of the same state to the same folder."""
     device = device_of(args)
-    cfg = bench_config(args, "ema.enabled=true")
+    cfg = bench_config(args, SYNTHETIC_ONLY, "ema.enabled=true")
     folder = args.out_dir or tempfile.mkdtemp(prefix="cspx-bench-ckpt-")
     fixed = FixedBatchLoader.random(2, 64, 1000, device, args.channels_last)
     trainer = make_trainer(cfg, device, fixed, folder)
@@ -116,14 +151,19 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
 
     runs = {"torch.save (bare)": bare, "cspx save (atomic, fsync)": cspx_sync,
             "cspx async: time training is held": cspx_async_blocking}
-    res = alternate(runs, args.rounds)
-    rows = [{"writer": k, "seconds (median)": median(v), "MB/s": nbytes / 1e6 / median(v)}
-            for k, v in res.items()]
+    rows = {k: args.report.row({"writer": k}) for k in runs}
+
+    def update(res):
+        for k, v in res.items():
+            rows[k].update({"seconds (median)": median(v), "MB/s": nbytes / 1e6 / median(v)})
+        args.report.flush()
+    res = alternate(runs, args.rounds, update)
     ratio = median(res["cspx save (atomic, fsync)"]) / median(res["torch.save (bare)"])
     if not args.out_dir:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
-    return rows, {"state_mb": nbytes / 1e6, "sync_over_bare": ratio, "folder": folder, "raw": res}
+    return list(rows.values()), {"state_mb": nbytes / 1e6, "sync_over_bare": ratio,
+                                 "folder": folder, "raw": res}
 
 
 def _tensors(obj):

@@ -1,11 +1,21 @@
 """Benchmarks (scripts/benchmark.py) of training steps: `model`, `overhead`, `train` (with
-`baseline` in the same run)."""
+`baseline` in the same run).
+
+Variants. `model` and `train` measure every combination of --batch-sizes and --compile-modes in
+one run: `eager`, or a torch.compile mode (`default`; `reduce-overhead`, which adds CUDA graphs;
+`max-autotune`, ...; the recipe key model.compile_mode). Each row reports img/s, achieved
+TFLOP/s (3 x the forward FLOPs of cspx.bench.flops per image: the backward pass costs about twice
+the forward), peak memory (common.peak_mib) and `warm-up s`: seconds from the first call to the
+end of the --warmup steps; for a compiled variant that is its compile time. A variant that fails
+(out of memory, a compiler error) becomes a row with an `error` and the others still run.
+"""
 from __future__ import annotations
 
+import gc
 import itertools
 import tempfile
 from argparse import Namespace
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +24,9 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision.datasets import ImageFolder
 
 from cspx import precision
-from cspx.bench.common import alternate, median, seconds
+from cspx.bench.common import alternate, median, peak_kind, peak_mib, reset_peak, seconds
 from cspx.bench.fixed import FixedBatchLoader
+from cspx.bench.flops import conv_outputs, forward_flops
 from cspx.checkpoint import Checkpointer
 from cspx.config import Config, load_config, with_updates
 from cspx.data.build import build_train_loader
@@ -31,6 +42,8 @@ from cspx.train_loop import Trainer
 # keys a benchmark overrides so the trainer only trains: no evaluation, checkpoints or events
 QUIET = ["eval.every_steps=0", "checkpoint.every_steps=0", "run.tensorboard=false",
          "train.steps=1000000", "sched.burn_in=0"]
+EAGER = "eager"  # --compile-modes name for no torch.compile
+Runner = Callable[[int], float]  # runner(n): seconds per step over n steps
 
 
 def bench_config(args: Namespace, *extra: str) -> Config:
@@ -41,6 +54,13 @@ def bench_config(args: Namespace, *extra: str) -> Config:
             f"model.channels_last={str(args.channels_last).lower()}",
             f"data.workers={args.workers}", *QUIET, *args.set, *extra]
     return resolved(load_config(args.recipe, over, check_paths=False), device_of(args))
+
+
+def compile_keys(mode: str) -> List[str]:
+    """Recipe overrides for one --compile-modes entry."""
+    if mode == EAGER:
+        return ["model.compile=false"]
+    return ["model.compile=true", f"model.compile_mode={mode}"]
 
 
 def resolved(cfg: Config, device: torch.device) -> Config:
@@ -56,7 +76,20 @@ def device_of(args: Namespace) -> torch.device:
     return torch.device("cpu")
 
 
-def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str) -> Trainer:
+# modes that train on synthetic data only: no loader to resolve (and no DALI to import)
+SYNTHETIC_ONLY = "data.loader=torch"
+
+
+def synthetic(cfg: Config, device: torch.device) -> FixedBatchLoader:
+    """A fixed random batch as the run's loader would hand it over: same shape, layout and
+    dtype (precision.loader_dtype), so a compiled model sees the same input either way."""
+    return FixedBatchLoader.random(cfg.train.batch_size, cfg.aug.img_size, 1000, device,
+                                   cfg.model.channels_last,
+                                   dtype=precision.loader_dtype(precision.of(cfg), device))
+
+
+def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str,
+                 compile_backend: str = "inductor") -> Trainer:
     """The real Trainer on `loader` (a bench_config), writing nothing but into `work_dir`."""
     precision.configure_backends(device, deterministic=cfg.train.deterministic)
     torch.manual_seed(cfg.seed)
@@ -66,61 +99,105 @@ def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str) -> Tr
     env = DistEnv(device=device)
     t = Trainer(cfg, env, model, opt, loader, [], MetricsLog(work_dir, None, False, enabled=False),
                 Checkpointer(work_dir, cfg.checkpoint, env))
-    t.wrap()
+    t.wrap(compile_backend)
     return t
 
 
-def trainer_runner(t: Trainer, steps: int, device: torch.device) -> Callable[[], float]:
-    """Seconds per optimizer step of Trainer.fit over `steps` steps (the whole loop: LR, logging
-    at run.log_every_steps, stop vote, EMA if enabled)."""
-    return lambda: seconds(lambda: t.fit(until=t.progress.step + steps), device) / steps
+def trainer_runner(t: Trainer, device: torch.device, loader=None) -> Runner:
+    """Seconds per optimizer step of Trainer.fit over n steps (the whole loop: LR, logging at
+    run.log_every_steps, stop vote, EMA if enabled), on `loader` when given: contenders that
+    share one trainer (real and synthetic data) share its model and its compiled code."""
+    def run(n: int) -> float:
+        if n <= 0:  # fit(until=step) would train to train.steps
+            return 0.0
+        if loader is not None:
+            t.loader = loader
+        return seconds(lambda: t.fit(until=t.progress.step + n), device) / n
+    return run
 
 
-def bare_runner(cfg: Config, batches, device: torch.device, steps: int) -> Callable[[], float]:
+class BareLoop:
     """The peer: a plain loop of forward, backward and optimizer.step, with the trainer's own
-    optimizer (cspx.optim.build_sgd: the same parameter groups and foreach / fused kernels) and
-    LR schedule, so only the loop around them differs."""
-    torch.manual_seed(cfg.seed)
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = create_model(cfg.model.name, num_classes=1000).to(device, memory_format=fmt).train()
-    opt = build_sgd(model, cfg.optim, device)
-    name = precision.of(cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.uses_loss_scaling(name))
-    it = iter(batches)
-    step = [0]
+    optimizer (cspx.optim.build_sgd: the same parameter groups and foreach / fused kernels), LR
+    schedule and GradScaler, so only the loop around them differs."""
 
-    def run():
-        for _ in range(steps):
+    def __init__(self, cfg: Config, device: torch.device):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device, self.step = cfg, device, 0
+        self.fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.model = create_model(cfg.model.name, num_classes=1000).to(
+            device, memory_format=self.fmt).train()
+        self.opt = build_sgd(self.model, cfg.optim, device)
+        self.precision = precision.of(cfg)
+        self.scaler = torch.amp.GradScaler(device.type,
+                                           enabled=precision.uses_loss_scaling(self.precision))
+
+    def runner(self, batches: Iterable) -> Runner:
+        it = iter(batches)
+        return lambda n: seconds(lambda: self._steps(it, n), self.device) / n if n > 0 else 0.0
+
+    def _steps(self, it, n: int) -> None:
+        cfg, dev = self.cfg, self.device
+        for _ in range(n):
             x, y = next(it)
-            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            y = y.to(device, non_blocking=True)
-            set_lr(opt, lr_for(cfg, step[0]))
-            with precision.autocast(name, device):
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step[0] += 1
-    return lambda: seconds(run, device) / steps
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=self.fmt)
+            y = y.to(dev, non_blocking=True)
+            set_lr(self.opt, lr_for(cfg, self.step))
+            with precision.autocast(self.precision, dev):
+                loss = F.cross_entropy(self.model(x), y, label_smoothing=cfg.train.label_smoothing)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+
+
+def fresh_start(device: torch.device) -> None:
+    """Between variants: forget compiled code (a new variant compiles afresh, so its warm-up is
+    its compile time), free what the last variant left, restart the peak-memory count."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak(device)
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def _flops_per_image(model: torch.nn.Module, img_size: int, cache: Dict) -> float:
+    key = (type(model).__name__, sum(p.numel() for p in model.parameters()), img_size)
+    if key not in cache:
+        cache[key] = 3.0 * forward_flops(model, img_size)  # forward + backward (about 2x)
+    return cache[key]
 
 
 def overhead(args: Namespace) -> Tuple[List[Dict], Dict]:
     device = device_of(args)
-    cfg = bench_config(args)
-    fixed = FixedBatchLoader.random(args.batch, args.img_size, 1000, device, args.channels_last)
+    cfg = bench_config(args, SYNTHETIC_ONLY)
+    fixed = synthetic(cfg, device)
+    rows: Dict[str, Dict] = {}
+
+    def update(res):
+        for k, v in res.items():
+            row = rows.get(k) or args.report.row({"loop": k})
+            rows[k] = row
+            row.update({"s/step (median)": median(v), "img/s": args.batch / median(v),
+                        "rounds": len(v)})
+        args.report.flush()
+
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(cfg, device, fixed, tmp)
-        runs = {"cspx trainer": trainer_runner(trainer, args.steps, device),
-                "bare loop": bare_runner(cfg, itertools.repeat((fixed.images, fixed.labels)),
-                                         device, args.steps)}
+        trainer = make_trainer(cfg, device, fixed, tmp, args.compile_backend)
+        bare = BareLoop(cfg, device)
+        runs = {"cspx trainer": trainer_runner(trainer, device),
+                "bare loop": bare.runner(itertools.repeat((fixed.images, fixed.labels)))}
         for fn in runs.values():
-            fn()  # warm-up: allocator, kernels, compile
-        res = alternate(runs, args.rounds)
+            fn(args.warmup)  # allocator, kernels, cuDNN autotuning, compile
+        res = alternate({k: (lambda fn=fn: fn(args.steps)) for k, fn in runs.items()},
+                        args.rounds, update)
     t, b = median(res["cspx trainer"]), median(res["bare loop"])
-    rows = [{"loop": k, "s/step (median)": median(v), "img/s": args.batch / median(v),
-             "rounds": len(v)} for k, v in res.items()]
-    return rows, {"overhead_pct": 100 * (t / b - 1), "raw": res}
+    return list(rows.values()), {"overhead_pct": 100 * (t / b - 1), "raw": res}
 
 
 def _baseline_loader(folder: str, cfg: Config, device: torch.device):
@@ -146,45 +223,132 @@ def _baseline_loader(folder: str, cfg: Config, device: torch.device):
 
 
 def train(args: Namespace) -> Tuple[List[Dict], Dict]:
-    """Full training steps with the real loader vs synthetic data vs the plain-PyTorch baseline."""
+    """Full training steps with the real loader vs synthetic data (the same trainer, model and
+    compiled code) vs the plain-PyTorch baseline, per batch size and compile mode."""
     device = device_of(args)
-    cfg = bench_config(args, f"data.loader={args.loader}")
-    kind = cfg.data.loader
     index = build_index(args.data, warn=False)
-    fixed = FixedBatchLoader.random(args.batch, args.img_size, 1000, device, args.channels_last)
-    with tempfile.TemporaryDirectory() as tmp:
-        real = build_train_loader(cfg, index, DistEnv(device=device), tmp)
-        runs = {f"cspx ({kind} loader)": trainer_runner(make_trainer(cfg, device, real, tmp), args.steps, device),
-                "cspx (synthetic)": trainer_runner(make_trainer(cfg, device, fixed, tmp), args.steps, device),
-                "baseline (ImageFolder+PIL)": bare_runner(cfg, _baseline_loader(args.data, cfg, device),
-                                                          device, args.steps)}
-        for fn in runs.values():
-            fn()
-        res = alternate(runs, args.rounds)
-        real.close()
-    ips = {k: args.batch / median(v) for k, v in res.items()}
-    real_ips, syn_ips, base_ips = ips.values()
-    rows = [{"loop": k, "img/s (median)": v, "rounds": args.rounds} for k, v in ips.items()]
-    return rows, {"train_over_synthetic": real_ips / syn_ips, "cspx_over_baseline": real_ips / base_ips,
-                  "loader": kind, "images": len(index), "raw": res}
+    flops: Dict = {}
+    out: List[Dict] = []
+    for batch in args.batch_sizes:
+        a = Namespace(**{**vars(args), "batch": batch})
+        fresh_start(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            c: Dict[str, Dict] = {}  # contender key -> {"run", "row", "flop", "group"}
+            loaders = []
+            try:
+                for mode in args.compile_modes:
+                    cfg = bench_config(a, f"data.loader={args.loader}", *compile_keys(mode))
+                    real = build_train_loader(cfg, index, DistEnv(device=device), tmp)
+                    loaders.append(real)
+                    t = make_trainer(cfg, device, real, tmp, args.compile_backend)
+                    flop = _flops_per_image(t.model, args.img_size, flops)
+                    # synthetic first: its warm-up is the compile, apart from the loader's start
+                    for name, ld in (("cspx synthetic", synthetic(cfg, device)),
+                                     (f"cspx {cfg.data.loader} loader", real)):
+                        c[f"{name} b{batch} {mode}"] = dict(
+                            run=trainer_runner(t, device, ld), flop=flop, group=mode,
+                            row={"loop": name, "batch": batch, "compile": mode})
+                if args.baseline:
+                    cfg = bench_config(a, SYNTHETIC_ONLY, *compile_keys(EAGER))
+                    bare = BareLoop(cfg, device)
+                    c[f"baseline b{batch}"] = dict(
+                        run=bare.runner(_baseline_loader(args.data, cfg, device)),
+                        flop=_flops_per_image(bare.model, args.img_size, flops), group="baseline",
+                        row={"loop": "baseline (ImageFolder+PIL)", "batch": batch,
+                             "compile": EAGER})
+                out += _measure(args, device, batch, c)
+            finally:
+                for ld in loaders:
+                    ld.close()
+    return out, {"peak_memory": peak_kind(device)}
+
+
+def _measure(args: Namespace, device: torch.device, batch: int, c: Dict[str, Dict]) -> List[Dict]:
+    """Warm every contender up in order (a failure becomes an error row, and the contenders
+    sharing its trainer are not run), then alternate rounds, rewriting each row's medians into
+    the report after every round."""
+    peaks: Dict[str, float] = {}
+    live: Dict[str, Callable[[], float]] = {}
+    failed: Dict[str, str] = {}
+    for k, x in c.items():
+        row = args.report.row(x["row"])
+        if x["group"] in failed:
+            row["error"] = f"not run: {failed[x['group']]}"
+            continue
+        try:
+            reset_peak(device)
+            row["warm-up s"] = seconds(lambda: x["run"](args.warmup), device)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not end the others
+            row["error"] = failed[x["group"]] = _error(e)
+            args.report.flush()
+            continue
+        args.report.flush()
+        peaks[k] = peak_mib(device)
+
+        def timed(fn=x["run"], k=k) -> float:
+            reset_peak(device)
+            s = fn(args.steps)
+            peaks[k] = max(peaks[k], peak_mib(device))
+            return s
+        live[k] = timed
+
+    def update(res):
+        for k, v in res.items():
+            s = median(v)
+            c[k]["row"].update({"img/s": batch / s, "TFLOP/s": batch / s * c[k]["flop"] / 1e12,
+                                "peak MiB": peaks[k], "rounds": len(v)})
+        for k in res:
+            _ratios(c, k, res)
+        args.report.flush()
+
+    alternate(live, args.rounds, update)
+    return [x["row"] for x in c.values()]
+
+
+def _ratios(c: Dict[str, Dict], k: str, res: Dict[str, List[float]]) -> None:
+    """A real-data row's img/s over synthetic data's (same trainer) and over the baseline's."""
+    row = c[k]["row"]
+    if not row["loop"].endswith(" loader"):
+        return
+    syn = f"cspx synthetic b{row['batch']} {row['compile']}"
+    base = f"baseline b{row['batch']}"
+    if syn in res:
+        row["vs synthetic"] = median(res[syn]) / median(res[k])
+    if base in res and row["compile"] == EAGER:
+        row["vs baseline"] = median(res[base]) / median(res[k])
 
 
 def model(args: Namespace) -> Tuple[List[Dict], Dict]:
-    """forward + backward + SGD step on device-resident tensors over a grid of settings."""
+    """forward + backward + SGD step on device-resident tensors over a grid of settings, one
+    variant after another (each alone in memory)."""
     device = device_of(args)
-    rows = []
-    grid = itertools.product(args.batch_sizes, args.precisions, args.channels_last_grid, args.compile_grid)
-    for batch, precision, cl, comp in grid:
-        if precision == "fp16" and device.type == "cpu":
+    rows, flops, work = [], {}, {}
+    grid = itertools.product(args.batch_sizes, args.precisions, args.channels_last_grid,
+                             args.compile_modes)
+    for batch, prec, cl, mode in grid:
+        if prec == "fp16" and device.type == "cpu":
             continue
-        a = Namespace(**{**vars(args), "batch": batch, "precision": precision, "channels_last": cl})
-        cfg = bench_config(a, f"model.compile={str(comp).lower()}")
-        fixed = FixedBatchLoader.random(batch, args.img_size, 1000, device, cl)
+        a = Namespace(**{**vars(args), "batch": batch, "precision": prec, "channels_last": cl})
+        row = args.report.row({"batch": batch, "precision": prec, "channels_last": cl,
+                               "compile": mode})
+        rows.append(row)
+        fresh_start(device)
         with tempfile.TemporaryDirectory() as tmp:
-            t = make_trainer(cfg, device, fixed, tmp)
-            run = trainer_runner(t, args.steps, device)
-            run()
-            s = median([run() for _ in range(args.rounds)])
-        rows.append({"batch": batch, "precision": precision, "channels_last": cl, "compile": comp,
-                     "ms/step": 1000 * s, "img/s": batch / s})
-    return rows, {}
+            try:
+                cfg = bench_config(a, SYNTHETIC_ONLY, *compile_keys(mode))
+                t = make_trainer(cfg, device, synthetic(cfg, device), tmp, args.compile_backend)
+                per_img = _flops_per_image(t.model, args.img_size, flops)
+                work.setdefault("forward_flops_per_image", round(per_img / 3))
+                work.setdefault("conv_output_values_per_image", conv_outputs(t.model, args.img_size))
+                run = trainer_runner(t, device)
+                warm = seconds(lambda: run(args.warmup), device)
+                s = median([run(args.steps) for _ in range(args.rounds)])
+                row.update({"ms/step": 1000 * s, "img/s": batch / s,
+                            "TFLOP/s": batch / s * per_img / 1e12, "peak MiB": peak_mib(device),
+                            "warm-up s": warm})
+            except Exception as e:  # noqa: BLE001 - one failing variant must not end the others
+                row["error"] = _error(e)
+            finally:
+                t = None
+        args.report.flush()
+    return rows, {"peak_memory": peak_kind(device), **work}

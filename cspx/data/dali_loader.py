@@ -37,8 +37,9 @@ batch into torch-owned memory on torch's current stream and drop DALI's view at 
 batch's lifetime is then torch's alone (a backward pass still queued, CUDA graphs, a batch kept
 for the image grid), and no DALI buffer is freed while torch captures a CUDA graph. The copy
 reads and writes one batch: 38.5 MB at batch 128, 224 px, float16, about 30 us at H100 memory
-bandwidth (an estimate; `scripts/benchmark.py loader` measures both ways on a GPU). On the CPU
-there are no streams, and the views are used as they are.
+bandwidth (an estimate; `scripts/benchmark.py loader --loaders dali-copy,dali-zerocopy`
+measures both ways on a GPU). On the CPU there are no streams, and the views are used as they
+are. `DaliTrainLoader(copy_out=...)` overrides the choice (the benchmark's zero-copy row).
 
 Bad files. DALI cannot skip a file at run time, so files failing the index's quick scan are never
 listed (`index.excluded`), and `bad_files` stays 0: unlike the torch path, nothing is replaced
@@ -172,11 +173,13 @@ class DaliTrainLoader(CountedPosition):
     def __init__(self, index: DataSplit, aug: AugConfig, seed: int, micro_batch: int,
                  rank: int, world: int, workers: int, device: torch.device, channels_last: bool,
                  dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65,
-                 file_list_dir: Optional[str] = None):
+                 file_list_dir: Optional[str] = None, copy_out: Optional[bool] = None):
         if dtype not in DTYPES:
             raise ValueError(f"DALI loader produces float32 or float16, not {dtype}")
         check_fits("training", len(index), micro_batch, world, partial=False)
         self.device, self.device_id = device, _device_id(device)
+        # hand out torch-owned copies (default: on a GPU) or DALI's own buffers (module doc)
+        self.copy_out = self.device_id is not None if copy_out is None else copy_out
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.workers, self.channels_last = max(1, workers), channels_last
         if index.format == "shards":  # cspx's global permutation (dali_sources module doc)
@@ -267,7 +270,7 @@ class DaliTrainLoader(CountedPosition):
         except RuntimeError as e:
             _reraise(e, self.source)
         self.consumed += 1
-        x = _images(out["images"], self.channels_last, own=self.device_id is not None)
+        x = _images(out["images"], self.channels_last, own=self.copy_out)
         y = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
         return x, y
 
@@ -287,8 +290,8 @@ class DaliEvalLoader:
     split) per iteration, every image exactly once. From a folder's file list the reader pads
     the shard to whole batches and the iterator cuts the padding off the last batch
     (LastBatchPolicy.PARTIAL); from shards the source hands out the slice and ends the pass
-    itself. Yields (images, labels on device, indices int64 into the split). The pipeline is
-    built once and serves every pass."""
+    itself. Yields (images, labels, indices int64 into the split), all three on the device: on
+    a GPU the positions never visit the host. The pipeline is built once and serves every pass."""
 
     kind = "dali"
 
