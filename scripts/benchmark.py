@@ -107,7 +107,8 @@ def parse(argv):
                    help="torch.compile backend (aot_eager rehearses compiling on a CPU)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="train mode: measure the plain-PyTorch baseline too")
-    p.add_argument("--out-dir", help="checkpoint mode: the disk to write to (default: a temp dir)")
+    p.add_argument("--out-dir", help="checkpoint mode: the disk to write to; a temporary folder "
+                   "is made inside it and removed at the end (default: the system's temp dir)")
     p.add_argument("--epochs", type=int, default=30, help="memory mode: epochs per loader")
     p.add_argument("--timeout", type=float, default=3600, help="memory mode: seconds per loader")
     p.add_argument("--json", help="write the results here (an existing file is overwritten)")

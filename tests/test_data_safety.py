@@ -3,7 +3,7 @@ user's own files leaves each file there byte for byte (sha256 before and after).
 
 Other places of the same rule are tested beside their code: checkpoint pruning and last.pt in
 test_checkpoint.py, a refused fresh start over a run in test_resume.py, make_shards.py's OUT in
-test_shards.py, benchmark scratch folders in test_benchmark.py."""
+test_shards.py, gpu_check.sh's OUT in test_gpu_check.py."""
 from __future__ import annotations
 
 import os
@@ -144,3 +144,20 @@ def test_validate_outputs_overwrite_only_the_named_files(tiny_weights, users_fol
     for name in ("./r.json", "./p.csv"):
         before.pop(name, None), after.pop(name)
     assert after == before
+
+
+def test_benchmark_scratch_folders_hold_only_what_the_benchmark_made(users_folder, tmp_path):
+    """checkpoint --out-dir writes and removes a folder of its own inside the user's; --make-data
+    only ever fills a folder that is new or its own (a user's folder is refused)."""
+    before = tree_digest(users_folder)
+    r = run_py(["scripts/benchmark.py", "checkpoint", "--model", "cspresnext_tiny", "--device",
+                "cpu", "--rounds", "1", "--out-dir", str(users_folder)])
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert tree_digest(users_folder) == before
+    from cspx.bench.common import make_jpegs
+    from cspx.errors import CspxError
+    with pytest.raises(CspxError, match="is not empty and was not made by cspx"):
+        make_jpegs(str(users_folder), 4)
+    assert tree_digest(users_folder) == before
+    ours = make_jpegs(str(tmp_path / "jpegs"), 4)
+    assert make_jpegs(ours, 6) == ours and len(list((tmp_path / "jpegs").rglob("*.JPEG"))) == 6

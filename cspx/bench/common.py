@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from cspx.files import atomic_write
+from cspx.files import atomic_write, claim_folder
+
+JPEG_MARKER = ".cspx-bench-jpegs"
 
 if TYPE_CHECKING:
     import torch  # imported where used: `check data` makes JPEGs without loading torch
@@ -152,8 +154,11 @@ def make_jpegs(root: str, n: int, classes: int = 10, seed: int = 0, quality: int
     in parallel and kept for the next run.
 
     Smooth random colour fields plus noise: they compress like photographs (about 80 KB each at
-    quality 90, 118 KB at 95), so decoding costs what it costs on ImageNet."""
+    quality 90, 118 KB at 95), so decoding costs what it costs on ImageNet. `root` must be new,
+    empty or an earlier make_jpegs folder (its marker): files are only ever added to it."""
     from concurrent.futures import ProcessPoolExecutor
+    claim_folder(root, JPEG_MARKER, "generated benchmark JPEG folder", "--make-data",
+                 "Choose another folder.")
     jobs = []
     for i in range(n):
         folder = os.path.join(root, f"n{i % classes:08d}")

@@ -127,7 +127,9 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
     bare torch.save of the same state to the same folder."""
     device = device_of(args)
     cfg = bench_config(args, SYNTHETIC_ONLY, "ema.enabled=true")
-    folder = args.out_dir or tempfile.mkdtemp(prefix="cspx-bench-ckpt-")
+    # a folder of its own, made here and removed at the end (inside --out-dir when given, so
+    # nothing of the user's there is touched)
+    folder = tempfile.mkdtemp(prefix="cspx-bench-ckpt-", dir=args.out_dir)
     fixed = FixedBatchLoader.random(2, 64, 1000, device, args.channels_last)
     trainer = make_trainer(cfg, device, fixed, folder)
     trainer.fit(until=1)  # one step, so the optimizer holds its momentum buffers
@@ -159,9 +161,8 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
         args.report.flush()
     res = alternate(runs, args.rounds, update)
     ratio = median(res["cspx save (atomic, fsync)"]) / median(res["torch.save (bare)"])
-    if not args.out_dir:
-        import shutil
-        shutil.rmtree(folder, ignore_errors=True)
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
     return list(rows.values()), {"state_mb": nbytes / 1e6, "sync_over_bare": ratio,
                                  "folder": folder, "raw": res}
 
