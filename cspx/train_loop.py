@@ -106,9 +106,10 @@ class Trainer:
         No buffer sync in the forward pass (`broadcast_buffers=False`, named
         `forward_sync_buffers` since torch 2.14): DDP would otherwise broadcast rank 0's
         BatchNorm statistics before every forward pass; cspx broadcasts them once before each
-        evaluation instead, which is the only place the ranks' statistics are used. `compile_backend` other than
-        inductor is for rehearsing the compile path on a CPU (scripts/gpu_check.sh --rehearse:
-        aot_eager traces and differentiates the model without generating kernels)."""
+        evaluation instead, which is the only place the ranks' statistics are used.
+        `compile_backend` other than inductor is for rehearsing the compile path on a CPU
+        (scripts/gpu_check.sh --rehearse: aot_eager traces and differentiates the model without
+        generating kernels)."""
         m: nn.Module = self.model
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
