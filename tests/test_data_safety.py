@@ -106,22 +106,26 @@ def tiny_weights(tmp_path_factory):
 
 
 def test_export_replaces_only_its_own_files(tiny_weights, tmp_path):
+    from test_export import cli  # scripts/export.py's main, in this process
     out = tmp_path / "exported"
     out.mkdir()
     (out / "model.torchscript.pt").write_bytes(b"someone else's model")
     (out / "keep.txt").write_text("keep me")
     before = tree_digest(out)
-    args = ["scripts/export.py", "--checkpoint", tiny_weights, "--model", "cspresnext_tiny",
-            "--format", "torchscript", "--out", str(out / "model")]
-    line = one_error_line(run_py(args))
-    assert line.startswith(f"error: --out: {out / 'model.torchscript.pt'} already exists")
+    args = ["--checkpoint", tiny_weights, "--model", "cspresnext_tiny", "--format", "torchscript",
+            "--out", str(out / "model")]
+    rc, _, err = cli(args)
+    assert rc == 2 and err.strip() == (f"error: --out: {out / 'model.torchscript.pt'} already "
+                                       f"exists and was not written by this tool; nothing was "
+                                       f"written. Choose another path, or pass --force to "
+                                       f"replace it"), err
     assert tree_digest(out) == before
     # a fresh prefix, exported twice: the second export replaces the first one's files
     again = args[:-1] + [str(out / "fresh")]
-    assert run_py(again).returncode == 0
-    r = run_py(again)
-    assert r.returncode == 0, r.stderr[-1500:]
-    assert run_py(args + ["--force"]).returncode == 0
+    assert cli(again)[0] == 0
+    rc, _, err = cli(again)
+    assert rc == 0, err[-1500:]
+    assert cli(args + ["--force"])[0] == 0
     assert (out / "keep.txt").read_text() == "keep me"
 
 

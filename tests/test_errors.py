@@ -52,7 +52,9 @@ def raise_sites():
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 func = node.exc.func
                 name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-                if name not in ("CspxError", "SystemExit"):  # SystemExit: a command's exit code
+                # SystemExit: a command's exit code; ArgumentTypeError: argparse reports a bad
+                # flag value itself, in one line with exit code 2
+                if name not in ("CspxError", "SystemExit", "ArgumentTypeError"):
                     found.add((os.path.relpath(path, ROOT), name))
     return found
 
