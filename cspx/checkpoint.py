@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import torch
 
@@ -108,6 +108,11 @@ def written_by(path: str, run_id: str, recorded: Iterable[str] = ()) -> bool:
             and obj.get("run_id", run_id) == run_id)
 
 
+def _identity(path: str) -> Tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Checkpointer:
     """Saves and restores a run's state in `<run_dir>/checkpoints/` (writes on rank 0 only)."""
 
@@ -117,6 +122,7 @@ class Checkpointer:
         self.every, self.keep_last, self.async_save = cfg.every_steps, cfg.keep_last, cfg.async_save
         self.env, self.meta = env, dict(meta or {})
         self.run_id = self.meta.setdefault("run_id", "")
+        self._known: Set[Tuple[int, int, int]] = set()  # identities of files known to be ours
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         if env.is_main:
@@ -201,6 +207,7 @@ class Checkpointer:
             self._check_ours(path)
             self._record(os.path.basename(path))
             atomic_save(state, path)
+            self._known.add(_identity(path))
             self._link(path, "last.pt")
             if best:
                 self._link(path, "best.pt")
@@ -222,13 +229,25 @@ class Checkpointer:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
         fsync_dir(self.dir)
+        self._known.add(_identity(dst))
 
     def _check_ours(self, path: str) -> None:
         if os.path.lexists(path) and not self._ours(path):
             raise CspxError(f"{path}: exists and was not written by this run; move it away")
 
     def _ours(self, path: str) -> bool:
-        return written_by(path, self.run_id, self._recorded())
+        """written_by, skipped for the files this process wrote or checked already (identified
+        by inode, size and mtime): a save then reads no other checkpoint."""
+        try:
+            ident = _identity(path)
+        except OSError:
+            return False
+        if ident in self._known:
+            return True
+        ours = written_by(path, self.run_id, self._recorded())
+        if ours:
+            self._known.add(ident)
+        return ours
 
     def _recorded(self) -> List[str]:
         try:

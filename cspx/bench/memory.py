@@ -3,8 +3,9 @@
 Runs last days, and DALI users have reported host memory that grows epoch after epoch. This
 runs the real command (`train.py --recipe ...`) for `--epochs` epochs of the recipe (the demo by
 default) with each loader, and at every epoch boundary sums the memory of the trainer and all
-its descendants (DataLoader workers): PSS from /proc/<pid>/smaps_rollup, so pages the workers
-share with the trainer count once, else RSS. Every epoch ends with an evaluation (so its loader
+its descendants (DataLoader workers): the PSS of their anonymous and shared-memory pages from
+/proc/<pid>/smaps_rollup (pages the workers share with the trainer count once; libraries and
+other file-backed pages are left out, see _memory_kb), else RSS. Every epoch ends with an evaluation (so its loader
 starts in epoch 1, inside the warm-up), and memory is sampled when it has finished. A run is flat when, after its first two epochs
 (allocator warm-up, worker start, the first evaluation), every later sample stays within 5% of
 the epoch-2 value.
@@ -58,15 +59,20 @@ def tree_memory_mb(pid: int) -> float:
 
 
 def _memory_kb(pid: int) -> int:
+    """The memory a process allocated, in KiB: its anonymous and shared-memory pages, PSS (a
+    page shared by n processes counts 1/n in each). File-backed pages are left out: they are
+    libraries and mapped files, reclaimable page cache whose PSS also moves whenever any other
+    process on the machine maps the same library, which is not the run's doing."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
+            fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
+        if "Pss_Anon" in fields:
+            return sum(int(fields[k].split()[0]) for k in ("Pss_Anon", "Pss_Shmem") if k in fields)
+        return int(fields["Pss"].split()[0])
+    except (OSError, KeyError, ValueError):
         pass
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/status") as f:  # a process that just exited has no VmRSS: 0
+        return next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
 
 
 def measure(recipe: str, loader: str, epochs: int, workers: int, extra: List[str],
