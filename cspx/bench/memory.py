@@ -2,13 +2,15 @@
 
 Runs last days, and DALI users have reported host memory that grows epoch after epoch. This
 runs the real command (`train.py --recipe ...`) for `--epochs` epochs of the recipe (the demo by
-default) with each loader, and at every epoch boundary sums the memory of the trainer and all
-its descendants (DataLoader workers): the PSS of their anonymous and shared-memory pages from
+default) with each loader, and sums the memory of the trainer and all its descendants
+(DataLoader workers): the PSS of their anonymous and shared-memory pages from
 /proc/<pid>/smaps_rollup (pages the workers share with the trainer count once; libraries and
-other file-backed pages are left out, see _memory_kb), else RSS. Every epoch ends with an evaluation (so its loader
-starts in epoch 1, inside the warm-up), and memory is sampled when it has finished. A run is flat when, after its first two epochs
-(allocator warm-up, worker start, the first evaluation), every later sample stays within 5% of
-the epoch-2 value.
+other file-backed pages are left out, see _memory_kb), else RSS. Every epoch ends with an
+evaluation, so its loader starts in epoch 1, inside the warm-up. Memory is read every POLL
+seconds, and an epoch's figure is the median of its readings: a single reading lands at a random
+point of a step, where the batches and activations in flight move it by several percent. A run
+is flat when, after its first two epochs (allocator warm-up, worker start, the first
+evaluation), every later epoch stays within 5% of epoch 2.
 
 The run folder is a temporary folder this benchmark creates and removes; the dataset is the
 recipe's (the demo set is generated once, as train.py does).
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,7 @@ from cspx.errors import CspxError, last_line
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAT_AFTER = 2        # epochs of warm-up before memory must be flat
 TOLERANCE = 0.05      # flat: within 5% of the epoch-FLAT_AFTER sample
+POLL = 0.25           # seconds between readings
 
 
 def _children(pid: int) -> List[int]:
@@ -82,24 +86,29 @@ def measure(recipe: str, loader: str, epochs: int, workers: int, extra: List[str
     images = _train_images(cfg)
     per_epoch = images // cfg.train.batch_size  # steps per epoch on one rank, micro-batch = batch
     run_dir = tempfile.mkdtemp(prefix="cspx-bench-memory-")
+    # one epoch more than sampled: the last epoch's sample would meet the process tearing down
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", recipe, *extra,
            f"run.dir={run_dir}", f"data.loader={loader}", f"data.workers={workers}",
-           f"train.steps={per_epoch * epochs}", f"run.log_every_steps={per_epoch}",
+           f"train.steps={per_epoch * (epochs + 1)}", f"run.log_every_steps={per_epoch}",
            f"eval.every_steps={per_epoch}", "run.tensorboard=false", "checkpoint.every_steps=0"]
     last = "eval_ema" if cfg.ema.enabled else "eval"  # the epoch's last record
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     samples: List[Tuple[int, float]] = []
+    epoch_readings: List[float] = []  # this epoch's readings, every POLL seconds
     metrics = os.path.join(run_dir, "metrics.jsonl")
     seen, deadline = 0, time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:
             lines = _lines(metrics)
+            epoch_readings.append(tree_memory_mb(proc.pid))
             for rec in lines[seen:]:
-                if rec.get("kind") == last:
-                    samples.append((round(rec["step"] / per_epoch), tree_memory_mb(proc.pid)))
+                if rec.get("kind") == last and rec["step"] <= per_epoch * epochs:
+                    samples.append((round(rec["step"] / per_epoch),
+                                    statistics.median(epoch_readings)))
+                    epoch_readings = [tree_memory_mb(proc.pid)]
             seen = len(lines)
-            time.sleep(0.1)
+            time.sleep(POLL)
         if proc.poll() is None:
             proc.kill()
             raise CspxError(f"memory benchmark: the {loader} run did {len(samples)} of {epochs} "
