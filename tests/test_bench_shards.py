@@ -20,7 +20,8 @@ def test_shards_mode_reports_startup_throughput_and_copy(tmp_path):
     assert res["sizes"] == [12, 60] and 90 < res["jpeg_kb_mean"] < 130  # ImageNet's ~110 KB
     got = [(row["measure"], row["images"], row["loader"]) for row in res["rows"]]
     per_size = ["startup, cold index, s", "startup, warm index, s", "data stage, cold index, s",
-                "data stage, warm index, s", "loader img/s"]
+                "data stage, warm index, s", "index, cold index, s", "index, warm index, s",
+                "loader img/s"]
     assert got == [(m, n, "torch") for n in (12, 60) for m in per_size] + \
         [("copy (cp -r), s", 60, "-")]
     for row in res["rows"]:
@@ -29,10 +30,11 @@ def test_shards_mode_reports_startup_throughput_and_copy(tmp_path):
                   else row["folder"] / row["shards"])  # more img/s, or fewer seconds
         assert math.isclose(row["shards gain x"], faster)
     startup = {(row["measure"], row["images"]): row for row in res["rows"]}
-    for n in (12, 60):  # the data stage is part of the startup
+    for n in (12, 60):  # the index is part of the data stage, itself part of the startup
         for which in ("cold", "warm"):
             for kind in ("folder", "shards"):
-                assert startup[(f"data stage, {which} index, s", n)][kind] < \
+                assert startup[(f"index, {which} index, s", n)][kind] < \
+                    startup[(f"data stage, {which} index, s", n)][kind] < \
                     startup[(f"startup, {which} index, s", n)][kind]
     assert os.listdir(scratch) == []  # its copies deleted, nothing else touched
     cache = os.path.join(os.environ["CSPX_CACHE"], "bench-shards")

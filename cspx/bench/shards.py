@@ -11,8 +11,10 @@ cspx.data.index.cache_dir()/bench-shards/pool, and the folders are hard links to
 
 Each measurement runs a fresh Python process (this module, `_child`) doing what a training run
 does before its first step: build_indices, resolve, build_train_loader, then batches. Reported:
-- startup: seconds from launching the process to its first training batch, and the part of it
-  from build_indices on (the data stage: Python and torch imports excluded). Folders with a cold
+- startup: seconds from launching the process to its first training batch, the part of it
+  from build_indices on (the data stage: Python and torch imports excluded), and within that the
+  index alone (build_indices: listing the files, or reading the manifest and the shard check),
+  which is what every rank waits for before its first collective. Folders with a cold
   cspx index cache (a new CSPX_CACHE: listing and quick scan of every file) and a warm one (the
   cache the cold run left). The OS page cache is not dropped (that needs root).
 - throughput: images/s of the loader over --steps batches after a warm-up filling its queues.
@@ -99,7 +101,7 @@ def _overrides(args: Namespace, root: str, fmt: str, kind: str) -> List[str]:
 
 def _launch(args: Namespace, overrides: List[str], cache: str) -> Dict[str, float]:
     """One fresh process: its startup (launch to first batch, s), its data stage (build_indices
-    to first batch, s) and its img/s."""
+    to first batch, s), its index (build_indices alone, s) and its img/s."""
     spec = {"recipe": args.recipe, "overrides": overrides, "steps": args.steps,
             "warmup": 4 * max(1, args.workers) + 2}  # DataLoader: 4 batches queued per worker
     t0 = time.time()
@@ -110,7 +112,7 @@ def _launch(args: Namespace, overrides: List[str], cache: str) -> Dict[str, floa
         raise CspxError(f"shards benchmark: a measuring process failed: {last_line(r.stderr)}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     return {"startup": out["first_batch"] - t0, "data": out["first_batch"] - out["data_start"],
-            "img/s": out["img/s"]}
+            "index": out["index_done"] - out["data_start"], "img/s": out["img/s"]}
 
 
 def _copy_seconds(src: str, scratch_parent: str) -> float:
@@ -163,14 +165,14 @@ def bench(args: Namespace) -> Tuple[List[Dict], Dict]:
 def _rows(size: int, kind: str, res: Dict[str, List[Dict[str, float]]]) -> List[Dict]:
     """Medians: startup and data stage (cold and warm index against shards) and throughput,
     shards vs folder."""
-    m = {k: {q: median([r[q] for r in v]) for q in ("startup", "data", "img/s")}
+    m = {k: {q: median([r[q] for r in v]) for q in ("startup", "data", "index", "img/s")}
          for k, v in res.items()}
     s = m["shards"]
     out = [{"measure": f"{what}, {which} index, s", "images": size, "loader": kind,
             "folder": m[f"folder, {which} index"][q], "shards": s[q],
             "shards gain x": m[f"folder, {which} index"][q] / s[q]}
-           for q, what in (("startup", "startup"), ("data", "data stage")) for which in ("cold",
-                                                                                     "warm")]
+           for q, what in (("startup", "startup"), ("data", "data stage"), ("index", "index"))
+           for which in ("cold", "warm")]
     folder_ips = median([r["img/s"] for k, v in res.items() if k != "shards" for r in v])
     out.append({"measure": "loader img/s", "images": size, "loader": kind, "folder": folder_ips,
                 "shards": s["img/s"], "shards gain x": s["img/s"] / folder_ips})
@@ -191,6 +193,7 @@ def _child(spec: dict) -> None:
     sync = torch.cuda.synchronize if use_cuda else (lambda: None)
     data_start = time.time()
     data = build_indices(cfg, env)
+    index_done = time.time()
     cfg = resolve(cfg, env, data)
     with tempfile.TemporaryDirectory() as work:
         loader = build_train_loader(cfg, data[0], env, work)
@@ -206,7 +209,8 @@ def _child(spec: dict) -> None:
         sync()
         ips = spec["steps"] * cfg.train.batch_size / (time.perf_counter() - t)
         loader.close()
-    print(json.dumps({"data_start": data_start, "first_batch": first, "img/s": ips}), flush=True)
+    print(json.dumps({"data_start": data_start, "index_done": index_done, "first_batch": first,
+                      "img/s": ips}), flush=True)
 
 
 if __name__ == "__main__":
