@@ -159,11 +159,12 @@ tests_result tests
 
 # ----- benchmarks (each rewrites its JSON after every row) ---------------------------------------
 B="$PY scripts/benchmark.py"
-C="--device $DEV $SIZE --workers $W --rounds $ROUNDS --warmup $WARM"
+CL="--device $DEV $SIZE --workers $W --rounds $ROUNDS"  # common flags; the loader's warm-up is its own
+C="$CL --warmup $WARM"
 D="--data $OUT/jpegs"
 step train 60 90 $B train $D --loader $LOADER --batch-sizes $BS --compile-modes eager \
   --steps $STEPS $C --json "$OUT/train.json"
-step loader 35 60 $B loader $D --loaders $LOADERS --batch $B1 --steps $STEPS $C --warmup $LWARM \
+step loader 35 60 $B loader $D --loaders $LOADERS --batch $B1 --steps $STEPS $CL --warmup $LWARM \
   --json "$OUT/loader.json"
 step model 30 50 $B model --batch-sizes $BS --precisions bf16 --channels-last-grid on \
   --compile-modes eager --steps $STEPS $C --json "$OUT/model.json"
