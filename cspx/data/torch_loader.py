@@ -287,7 +287,10 @@ class TorchEvalLoader:
                        for i in range(0, len(self.indices), self.batch_size)]
             self._dl = _loader(self.dataset, self.workers, self.device.type == "cuda",
                                batch_sampler=batches)
-        for x, y, idx in _start(self._dl):
+            batches_it = _start(self._dl)  # forks the persistent workers, once
+        else:
+            batches_it = iter(self._dl)  # the same workers: nothing to freeze, no collection
+        for x, y, idx in batches_it:
             x, y = self.feeder.sync(*self.feeder(x, y))
             yield x, y, idx
 
