@@ -127,7 +127,8 @@ def attach_log_file(path: str) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per event, with step and wall time) and TensorBoard."""
 
-    def __init__(self, run_dir: str, resume_step: Optional[int], tensorboard: bool, enabled: bool):
+    def __init__(self, *, run_dir: str, resume_step: Optional[int], tensorboard: bool,
+                 enabled: bool):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb = None

@@ -2,10 +2,11 @@
 path for every precision, device and world size.
 
 The parts a checkpoint holds (model, optimizer, GradScaler, EMA, progress; per rank the RNGs
-and the loader) each expose state_dict()/load_state_dict(); `cspx.checkpoint.Checkpointer`
-decides the layout and when to save. The hot loop never reads a device value back to the host:
-the loss is summed on the device and read every `run.log_every_steps` steps, and the stop vote
-is a host-side collective.
+and the loader) each expose state_dict()/load_state_dict() and register once with the
+`cspx.checkpoint.Checkpointer`, which decides after every step whether a checkpoint is due (as
+torchtitan's trainer asks its checkpointer). The hot loop never reads a device value back to
+the host: the loss is summed on the device and read every `run.log_every_steps` steps, and the
+stop vote is a host-side collective.
 """
 from __future__ import annotations
 
@@ -78,9 +79,12 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 train_loader: TrainLoader, eval_loader: EvalLoader, metrics: MetricsLog,
-                 ckpt: Checkpointer):
+    """The loop of one run. `model` is the plain module, placed (cspx.placement); `eval_loader`
+    None runs no evaluation (the benchmarks). The stateful parts register with `ckpt` here."""
+
+    def __init__(self, *, cfg: Config, env: DistEnv, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, train_loader: TrainLoader,
+                 eval_loader: Optional[EvalLoader], metrics: MetricsLog, ckpt: Checkpointer):
         self.cfg, self.env = cfg, env
         self.model = model                     # the plain module: checkpoints, eval, EMA source
         self.optimizer = optimizer
@@ -98,6 +102,9 @@ class Trainer:
         self._graphs = False                   # wrap(): CUDA graphs replay the forward pass
         self._window = (time.perf_counter(), 0)  # (time, images) at the last log
         self._pending = None                     # a batch taken early for the image grid
+        ckpt.register(shared={"model": model, "optimizer": optimizer, "scaler": self.scaler,
+                              "ema": self.ema, "progress": self.progress},
+                      per_rank={"rng": self.rng, "loader": train_loader})
 
     # ----- setup ------------------------------------------------------------------------------
     def wrap(self, compile_backend: str = "inductor") -> None:
@@ -127,25 +134,13 @@ class Trainer:
         self._graphs = self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead"
 
     # ----- checkpoint -------------------------------------------------------------------------
-    def parts(self):
-        """(shared parts, per-rank parts) as the checkpoint layout names them."""
-        shared = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
-                  "ema": self.ema, "progress": self.progress}
-        return shared, {"rng": self.rng, "loader": self.loader}
-
-    def state_dict(self) -> Dict[str, Any]:
-        """The whole run state; a collective (gathers every rank's RNG and loader state)."""
-        return self.ckpt.snapshot(*self.parts())
-
-    def load_state_dict(self, state: Dict[str, Any], same_world: bool = True,
-                        force: bool = False) -> None:
-        missing = self.ckpt.restore(state, *self.parts(), same_world=same_world, force=force)
+    def restore(self, state: Dict[str, Any], *, same_world: bool = True,
+                force: bool = False) -> None:
+        """Every registered part from a checkpoint's `state` (before `wrap`)."""
+        missing = self.ckpt.restore(state, same_world=same_world, force=force)
         if "ema" in missing:
             log.warning("checkpoint has no EMA weights: EMA starts from the checkpoint's weights")
             self.ema.copy_from(self.model)
-
-    def save(self, best: bool = False, blocking: bool = False) -> None:
-        self.ckpt.save(self.state_dict(), self.progress.step, best=best, blocking=blocking)
 
     # ----- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> None:
@@ -222,12 +217,11 @@ class Trainer:
             if step % cfg.run.log_every_steps == 0 or step == total:
                 self._log_train(bar)
             best = False
-            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total:
+            if self.eval_loader is not None and (
+                    (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total):
                 best = self.run_eval()
             stopped = self.vote.poll(self.preemption.requested)
-            if self.ckpt.due(step, total, best=best, stopping=stopped):
-                self.save(best=best, blocking=stopped or step == total)
-            self.ckpt.check()
+            self.ckpt.maybe_save(step, last_step=total, best=best, stopping=stopped)
             if stopped:
                 return False
         return True

@@ -65,21 +65,26 @@ def _run(cfg: Config, env: DistEnv, resume: Optional[str], force: bool, dry_run:
         print(describe_plan(cfg, model, *data, env.world, micro_batch(cfg, env.world)), flush=True)
         return 0
     run = _claim_run_dir(cfg, env, stack)
-    ckpt = Checkpointer(run.path, cfg.checkpoint, env, _meta(cfg, data[0], prov, run))
+    ckpt = Checkpointer(run_dir=run.path, cfg=cfg.checkpoint, env=env,
+                        meta=_meta(cfg, data[0], prov, run))
     stack.callback(ckpt.close)
     state = ckpt.resume_state(resume)
     same_world = True
     if state is not None:
-        same_world = ckpt.check_compat(state, configio.to_dict(cfg), data[0].fingerprint(), force)
+        same_world = ckpt.check_compat(state, config=configio.to_dict(cfg),
+                                       fingerprint=data[0].fingerprint(), force=force)
     _write_run_files(run, cfg, prov, env)
     model, optimizer = _place_model(cfg, env, model, fresh=state is None)
     train_loader, eval_loader = _loaders(cfg, data, env, run, stack)
-    metrics = MetricsLog(run.path, state["progress"]["step"] if state else None,
-                         cfg.run.tensorboard, env.is_main)
+    metrics = MetricsLog(run_dir=run.path,
+                         resume_step=state["progress"]["step"] if state else None,
+                         tensorboard=cfg.run.tensorboard, enabled=env.is_main)
     stack.callback(metrics.close)
-    trainer = Trainer(cfg, env, model, optimizer, train_loader, eval_loader, metrics, ckpt)
+    trainer = Trainer(cfg=cfg, env=env, model=model, optimizer=optimizer,
+                      train_loader=train_loader, eval_loader=eval_loader, metrics=metrics,
+                      ckpt=ckpt)
     if state is not None:
-        trainer.load_state_dict(state, same_world=same_world, force=force)
+        trainer.restore(state, same_world=same_world, force=force)
         del state
     else:
         seed_all(cfg.seed + 1 + env.rank)  # stochastic layers differ across ranks

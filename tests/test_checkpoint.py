@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cspx import checkpoint
-from cspx.checkpoint import Checkpointer
+from cspx.checkpoint import Checkpointer, storage
 from cspx.config import CheckpointConfig
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
@@ -20,8 +20,9 @@ from conftest import ROOT
 
 
 def CheckpointManager(run_dir, keep_last, async_save, is_main=True):
-    return Checkpointer(run_dir, CheckpointConfig(every_steps=0, keep_last=keep_last,
-                                                  async_save=async_save), DistEnv())
+    return Checkpointer(run_dir=run_dir, env=DistEnv(),
+                        cfg=CheckpointConfig(every_steps=0, keep_last=keep_last,
+                                             async_save=async_save))
 
 
 def listing(folder):
@@ -37,7 +38,7 @@ def state(step, n=10):
 def test_links_pruning_and_best(tmp_path, async_save):
     m = CheckpointManager(str(tmp_path), keep_last=2, async_save=async_save, is_main=True)
     for step in (1, 2, 3, 4):
-        m.save(state(step), step, best=step == 2)
+        m.write(state(step), step, best=step == 2)
     m.close()
     ck = tmp_path / "checkpoints"
     assert listing(ck) == ["best.pt", "last.pt", "step_00000003.pt", "step_00000004.pt"]
@@ -50,7 +51,7 @@ def test_links_pruning_and_best(tmp_path, async_save):
 def test_async_snapshot_is_taken_at_save_time(tmp_path):
     m = CheckpointManager(str(tmp_path), keep_last=3, async_save=True, is_main=True)
     live = state(1)
-    m.save(live, 1)
+    m.write(live, 1)
     live["model"]["w"].add_(100)   # training continues and changes the live tensors
     m.close()
     assert torch.equal(checkpoint.load(m.path_for(1))["model"]["w"], torch.full((10,), 1.0))
@@ -58,7 +59,7 @@ def test_async_snapshot_is_taken_at_save_time(tmp_path):
 
 def test_failed_save_is_one_clear_error_and_keeps_old(tmp_path, monkeypatch):
     m = CheckpointManager(str(tmp_path), keep_last=3, async_save=False, is_main=True)
-    m.save(state(1), 1)
+    m.write(state(1), 1)
 
     def full_disk(obj, f):
         f.write(b"partial")
@@ -66,7 +67,7 @@ def test_failed_save_is_one_clear_error_and_keeps_old(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CspxError, match=r"step_00000002.pt: saving the checkpoint failed \(No space "
                                         r"left on device\); earlier checkpoints .* are intact"):
-        m.save(state(2), 2)
+        m.write(state(2), 2)
     monkeypatch.undo()
     assert listing(tmp_path / "checkpoints") == ["last.pt", "step_00000001.pt"]
     assert checkpoint.load(str(tmp_path / "checkpoints" / "last.pt"))["step"] == 1
@@ -74,9 +75,9 @@ def test_failed_save_is_one_clear_error_and_keeps_old(tmp_path, monkeypatch):
 
 def test_async_failure_surfaces_in_training_thread(tmp_path, monkeypatch):
     m = CheckpointManager(str(tmp_path), keep_last=3, async_save=True, is_main=True)
-    monkeypatch.setattr(checkpoint, "atomic_save",
+    monkeypatch.setattr(storage, "atomic_save",
                         lambda obj, path: (_ for _ in ()).throw(OSError(13, "Permission denied")))
-    m.save(state(1), 1)
+    m.write(state(1), 1)
     with pytest.raises(CspxError, match="Permission denied"):
         m.close()
 
@@ -89,10 +90,11 @@ def test_save_killed_mid_write_leaves_previous_valid(tmp_path):
         from cspx.checkpoint import Checkpointer, FORMAT
         from cspx.config import CheckpointConfig
         from cspx.distributed import DistEnv
-        m = Checkpointer({str(tmp_path)!r}, CheckpointConfig(0, 3, False), DistEnv())
-        m.save({{"format": FORMAT, "step": 1, "w": torch.ones(4)}}, 1)
+        m = Checkpointer(run_dir={str(tmp_path)!r}, cfg=CheckpointConfig(0, 3, False),
+                         env=DistEnv())
+        m.write({{"format": FORMAT, "step": 1, "w": torch.ones(4)}}, 1)
         print("saved 1", flush=True)
-        m.save({{"format": FORMAT, "step": 2, "w": torch.randn(400_000_000 // 4)}}, 2)
+        m.write({{"format": FORMAT, "step": 2, "w": torch.randn(400_000_000 // 4)}}, 2)
         print("saved 2", flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -110,7 +112,7 @@ def test_save_killed_mid_write_leaves_previous_valid(tmp_path):
     path, s = CheckpointManager(str(tmp_path), 3, False, True).latest_valid()
     assert s["step"] == 1
     # the next save cleans the stray temp file
-    CheckpointManager(str(tmp_path), 3, False, True).save(state(3), 3)
+    CheckpointManager(str(tmp_path), 3, False, True).write(state(3), 3)
     assert not [n for n in os.listdir(ck) if ".tmp" in n]
 
 
@@ -134,7 +136,7 @@ def test_pruning_and_links_touch_only_files_this_run_wrote(tmp_path):
     before = foreign.read_bytes()
     m = CheckpointManager(str(tmp_path), keep_last=1, async_save=False)
     for step in (1, 2, 3):
-        m.save(state(step), step)
+        m.write(state(step), step)
     assert listing(ck) == ["last.pt", "step_00000000.pt", "step_00000003.pt"]
     assert foreign.read_bytes() == before
     # last.pt replaced by another run's checkpoint: the next save refuses to overwrite it
@@ -142,7 +144,7 @@ def test_pruning_and_links_touch_only_files_this_run_wrote(tmp_path):
     torch.save({**state(9), "run_id": "another-run"}, ck / "last.pt")
     theirs = (ck / "last.pt").read_bytes()
     with pytest.raises(CspxError, match=r"last.pt: exists and was not written by this run"):
-        m.save(state(4), 4)
+        m.write(state(4), 4)
     assert (ck / "last.pt").read_bytes() == theirs and foreign.read_bytes() == before
 
 
@@ -156,9 +158,10 @@ def test_checkpoints_of_cspx_0_1_and_of_other_runs(tmp_path):
     os.link(ck / "step_00000002.pt", ck / "last.pt")
     (ck / "step_00000005.pt").write_bytes(b"not a checkpoint")
     torch.save({**state(3), "run_id": "another-run"}, ck / "step_00000003.pt")
-    m = Checkpointer(str(tmp_path), CheckpointConfig(every_steps=0, keep_last=2, async_save=False),
-                     DistEnv(), {"run_id": "this-run"})
-    m.save(state(6), 6)
+    m = Checkpointer(run_dir=str(tmp_path),
+                     cfg=CheckpointConfig(every_steps=0, keep_last=2, async_save=False),
+                     env=DistEnv(), meta={"run_id": "this-run"})
+    m.write(state(6), 6)
     assert listing(ck) == ["last.pt", "step_00000002.pt", "step_00000003.pt", "step_00000005.pt",
                            "step_00000006.pt"]
     assert (ck / "step_00000005.pt").read_bytes() == b"not a checkpoint"

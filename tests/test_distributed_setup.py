@@ -42,10 +42,13 @@ def test_ddp_wrap_leaves_buffer_sync_to_evaluation(tmp_path, monkeypatch):
         cfg = bench_config(bench_args(), SYNTHETIC_ONLY)
         env = DistEnv(rank=0, world=2, device=CPU)  # the trainer's multi-rank path, on 1 process
         model = create_model(cfg.model.name, num_classes=1000)
-        t = Trainer(cfg, env, model, build_sgd(model, cfg.optim, CPU),
-                    FixedBatchLoader.random(4, 32, 1000, CPU, False), [],
-                    MetricsLog(str(tmp_path), None, False, enabled=False),
-                    Checkpointer(str(tmp_path), cfg.checkpoint, env))
+        t = Trainer(cfg=cfg, env=env, model=model, optimizer=build_sgd(model, cfg.optim, CPU),
+                    train_loader=FixedBatchLoader.random(batch=4, img_size=32, num_classes=1000,
+                                                         device=CPU, channels_last=False),
+                    eval_loader=None,
+                    metrics=MetricsLog(run_dir=str(tmp_path), resume_step=None,
+                                       tensorboard=False, enabled=False),
+                    ckpt=Checkpointer(run_dir=str(tmp_path), cfg=cfg.checkpoint, env=env))
         t.wrap()
         ddp = t.forward_model
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.module is model

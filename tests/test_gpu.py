@@ -47,7 +47,7 @@ def test_fp16_gradscaler_step_and_state():
     t, _ = make(["train.precision=fp16"])
     for _ in range(3):
         t.train_step()
-    state = t.state_dict()
+    state = t.ckpt.state_dict()
     assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -59,7 +59,7 @@ def test_compile_channels_last_checkpoint_has_plain_keys():
                 batch=128)
     for _ in range(2):
         t.train_step()
-    keys = list(t.state_dict()["model"])
+    keys = list(t.ckpt.state_dict()["model"])
     assert keys[0] == "stem.conv1.conv.weight" and not any("_orig_mod" in k or "module." in k for k in keys)
     w = t.model.stem.conv1.conv.weight
     assert w.is_contiguous(memory_format=torch.channels_last)

@@ -14,21 +14,25 @@ from cspx.data.loader import CountedPosition
 class FixedBatchLoader(CountedPosition):
     kind = "fixed"
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batches_per_epoch: int = 1000):
+    def __init__(self, *, images: torch.Tensor, labels: torch.Tensor,
+                 batches_per_epoch: int = 1000):
         self.images, self.labels = images, labels   # already on the device, in the model's layout
         self.batches_per_epoch = batches_per_epoch
         self.consumed = 0
         self.bad_files = 0
 
     @classmethod
-    def random(cls, batch: int, img_size: int, num_classes: int, device: torch.device,
-               channels_last: bool, dtype: torch.dtype = torch.float32, seed: int = 0):
+    def random(cls, *, batch: int, img_size: int, num_classes: int, device: torch.device,
+               channels_last: bool, dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> "FixedBatchLoader":
+        """A seeded batch of N(0, 1) images (batch, 3, img_size, img_size) and labels below
+        num_classes, on `device` in the model's layout and `dtype`."""
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device, dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-        return cls(x, y)
+        return cls(images=x, labels=y)
 
     def __iter__(self):
         return self

@@ -130,10 +130,11 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
     # a folder of its own, made here and removed at the end (inside --out-dir when given, so
     # nothing of the user's there is touched)
     folder = tempfile.mkdtemp(prefix="cspx-bench-ckpt-", dir=args.out_dir)
-    fixed = FixedBatchLoader.random(2, 64, 1000, device, args.channels_last)
+    fixed = FixedBatchLoader.random(batch=2, img_size=64, num_classes=cfg.model.num_classes,
+                                    device=device, channels_last=args.channels_last)
     trainer = make_trainer(cfg, device, fixed, folder)
     trainer.fit(until=1)  # one step, so the optimizer holds its momentum buffers
-    state = trainer.state_dict()
+    state = trainer.ckpt.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in _tensors(state))
     bare_path = os.path.join(folder, "bare.pt")
 
@@ -142,12 +143,12 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
 
     def cspx_sync() -> float:
         trainer.ckpt.async_save = False
-        return seconds(lambda: trainer.save(blocking=True), device)
+        return seconds(lambda: trainer.ckpt.save(trainer.progress.step, blocking=True), device)
 
     def cspx_async_blocking() -> float:
         """Time the training loop is held: the host snapshot; the write overlaps training."""
         trainer.ckpt.async_save = True
-        t = seconds(lambda: trainer.save(), device)
+        t = seconds(lambda: trainer.ckpt.save(trainer.progress.step), device)
         trainer.ckpt.wait()
         return t
 

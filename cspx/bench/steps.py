@@ -83,8 +83,9 @@ SYNTHETIC_ONLY = "data.loader=torch"
 def synthetic(cfg: Config, device: torch.device) -> FixedBatchLoader:
     """A fixed random batch as the run's loader would hand it over: same shape, layout and
     dtype (precision.loader_dtype), so a compiled model sees the same input either way."""
-    return FixedBatchLoader.random(cfg.train.batch_size, cfg.aug.img_size, 1000, device,
-                                   cfg.model.channels_last,
+    return FixedBatchLoader.random(batch=cfg.train.batch_size, img_size=cfg.aug.img_size,
+                                   num_classes=cfg.model.num_classes, device=device,
+                                   channels_last=cfg.model.channels_last,
                                    dtype=precision.loader_dtype(precision.of(cfg), device))
 
 
@@ -97,8 +98,11 @@ def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str,
     model = create_model(cfg.model.name, num_classes=1000).to(device, memory_format=fmt)
     opt = build_sgd(model, cfg.optim, device)
     env = DistEnv(device=device)
-    t = Trainer(cfg, env, model, opt, loader, [], MetricsLog(work_dir, None, False, enabled=False),
-                Checkpointer(work_dir, cfg.checkpoint, env))
+    t = Trainer(cfg=cfg, env=env, model=model, optimizer=opt, train_loader=loader,
+                eval_loader=None,
+                metrics=MetricsLog(run_dir=work_dir, resume_step=None, tensorboard=False,
+                                   enabled=False),
+                ckpt=Checkpointer(run_dir=work_dir, cfg=cfg.checkpoint, env=env))
     t.wrap(compile_backend)
     return t
 
@@ -106,7 +110,9 @@ def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str,
 def trainer_runner(t: Trainer, device: torch.device, loader=None) -> Runner:
     """Seconds per optimizer step of Trainer.fit over n steps (the whole loop: LR, logging at
     run.log_every_steps, stop vote, EMA if enabled), on `loader` when given: contenders that
-    share one trainer (real and synthetic data) share its model and its compiled code."""
+    share one trainer (real and synthetic data) share its model and its compiled code. (The
+    loader registered with the trainer's checkpointer stays the first one; a benchmark writes
+    no checkpoint: QUIET.)"""
     def run(n: int) -> float:
         if n <= 0:  # fit(until=step) would train to train.steps
             return 0.0
