@@ -17,7 +17,7 @@ from tqdm import tqdm
 from cspx import distributed, precision
 from cspx.data.build import build_eval_loader, data_format, open_shards_on_every_rank
 from cspx.data.index import build_index, read_classes_file, resolve_split_dir
-from cspx.data.loader import DataSplit
+from cspx.data.loader import DataSplit, check_fits
 from cspx.data.scan import read_exclude_file
 from cspx.errors import CspxError
 from cspx.eval_metrics import evaluate
@@ -41,21 +41,22 @@ def run(args: Namespace) -> Dict[str, Any]:
 def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     setup_console(env.is_main, args.verbose)
     precision.configure_backends(env.device, tf32=False)
-    split_dir, index = _open_val(args, env)
+    split_dir, split = _open_val(args, env)
     if args.limit:
-        index = index.subset(args.limit)
+        split = split.subset(args.limit)
+    check_fits("validation", len(split), args.batch_size, env.world, partial=True)
     kind = resolve_loader(args.loader, env.device)
     model, info = build_model_from_checkpoint(args.checkpoint, args.model, args.ema)
-    if (info["num_classes"] or 1000) < index.num_classes:
+    if (info["num_classes"] or 1000) < split.num_classes:
         raise CspxError(f"{args.checkpoint}: has {info['num_classes']} classes but the data has "
-                        f"{index.num_classes}; pass --classes to map folders to its label indices")
+                        f"{split.num_classes}; pass --classes to map folders to its label indices")
     preset = eval_preset(info["model_name"])
     img_size = args.img_size or preset.img_size
     crop_pct = args.crop_pct or preset.crop_pct
     interpolation = args.interpolation or preset.interpolation
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=fmt).eval()
-    loader = build_eval_loader(kind, index, img_size, crop_pct, interpolation, args.batch_size,
+    loader = build_eval_loader(kind, split, img_size, crop_pct, interpolation, args.batch_size,
                                env, args.workers, args.channels_last)
     rows: List[tuple] = []
 
@@ -70,7 +71,7 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     loader.close()
     result = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "count": r["count"],
               "images_per_sec": r["count"] / max(r["seconds"], 1e-9), "failed": r["failed"],
-              "excluded": len(index.excluded),
+              "excluded": len(split.excluded),
               "settings": {"checkpoint": os.path.abspath(args.checkpoint), "model": info["model_name"],
                            "data_dir": os.path.abspath(split_dir), "img_size": img_size,
                            "crop_pct": crop_pct, "interpolation": interpolation,
@@ -78,11 +79,11 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
                            "device": str(env.device), "world_size": env.world,
                            "precision": args.precision, "channels_last": args.channels_last,
                            "loader": kind, "classes": args.classes, "limit": args.limit,
-                           "ema": args.ema, "format": index.format}}
+                           "ema": args.ema, "format": split.format}}
     if args.predictions:
         all_rows = distributed.all_gather_objects(rows, env)
         if env.is_main:
-            _write_predictions(args.predictions, index, sorted(x for part in all_rows for x in part))
+            _write_predictions(args.predictions, split, sorted(x for part in all_rows for x in part))
     if env.is_main:
         print(f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  loss {result['loss']:.4f}  "
               f"images {result['count']}  {result['images_per_sec']:.1f} img/s"
@@ -105,11 +106,11 @@ def _open_val(args: Namespace, env: distributed.DistEnv):
                                   warn=env.is_main)
 
 
-def _write_predictions(path: str, index: DataSplit, rows) -> None:
+def _write_predictions(path: str, split: DataSplit, rows) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "top5", "top5_prob"])
     for i, _, top, prob in rows:
-        w.writerow([index.name(i), int(index.labels[i]), " ".join(map(str, top)),
+        w.writerow([split.name(i), int(split.labels[i]), " ".join(map(str, top)),
                     " ".join(f"{p:.6f}" for p in prob)])
     atomic_write(path, buf.getvalue())

@@ -20,7 +20,7 @@ import torch
 from cspx import configio, distributed, precision
 from cspx.checkpoint import Checkpointer
 from cspx.config import Config, micro_batch
-from cspx.data.build import build_indices, build_train_loader, classes_file, eval_loader_for
+from cspx.data.build import build_splits, build_train_loader, classes_file, eval_loader_for
 from cspx.data.loader import DataSplit
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
@@ -55,7 +55,7 @@ def train(cfg: Config, resume: Optional[str] = None, force: bool = False, dry_ru
 def _run(cfg: Config, env: DistEnv, resume: Optional[str], force: bool, dry_run: bool,
          verbose: bool, stack: ExitStack) -> int:
     prov = _environment(cfg, env, verbose, keep_log=not dry_run)
-    data = build_indices(cfg, env)
+    data = build_splits(cfg, env)
     cfg = resolve(cfg, env, data)
     log.info("resolved config:\n" + configio.dump_yaml(cfg))
     seed_all(cfg.seed)  # identical initial weights on every rank

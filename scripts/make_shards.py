@@ -12,7 +12,7 @@ exactly as scripts/prepare_imagenet.py takes them. Labels: line k of --classes F
 SRC/synsets.txt, else the k-th sorted class.
 
 OUT/<split>/<split>-NNNNNN.tar hold about --shard-size MB (10^6 bytes) each; the format is
-described in cspx/data/shards.py. Training samples are written in a random order drawn from
+described in cspx/data/shard_format.py. Training samples are written in a random order drawn from
 --seed, so every shard mixes all classes; val is sorted by path. Every image is decoded first
 (--workers processes); files that fail are left out and listed in OUT/<split>/excluded.txt.
 
@@ -42,10 +42,11 @@ import cspx
 from cspx.data import imagenet_sources as src_lib
 from cspx.data import scan
 from cspx.data.index import read_classes_file
-from cspx.data.shards import (EXCLUDED, MANIFEST, MARKER, SAMPLE_DTYPE, SYNSETS, TABLE, Manifest,
-                              ShardInfo, ShardWriter, SplitInfo, check_shard, member_bytes,
-                              read_manifest, shard_name, verify_shard)
+from cspx.data.shard_format import (EXCLUDED, MANIFEST, MARKER, SAMPLE_DTYPE, SYNSETS, TABLE,
+                                    Manifest, ShardInfo, SplitInfo, check_shard, read_manifest,
+                                    shard_name)
 from cspx.data.shard_reader import load_table
+from cspx.data.shard_writer import ShardWriter, member_bytes, verify_shard
 from cspx.errors import CspxError, run_cli
 from cspx.files import atomic_write, claim_folder, remove_stale_temps, write_json
 

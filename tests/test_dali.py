@@ -24,7 +24,7 @@ if not (sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64"))
 from cspx.bench.evaldiff import Probe  # noqa: E402
 from cspx.config import AugConfig  # noqa: E402
 from cspx.data.dali_loader import DaliEvalLoader, DaliTrainLoader, dali_available  # noqa: E402
-from cspx.data.index import DatasetIndex, build_index, read_classes_file  # noqa: E402
+from cspx.data.index import FolderSplit, build_index, read_classes_file  # noqa: E402
 from cspx.data.torch_loader import TorchEvalLoader  # noqa: E402
 from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cspx.errors import CspxError  # noqa: E402
@@ -77,8 +77,10 @@ def collect(loader, n):
 @pytest.fixture(scope="module")
 def eval_pair(env, index):
     """Both eval paths at the standard 224 / 0.875 bilinear, one pass each."""
-    t = TorchEvalLoader(index, 224, 0.875, "bilinear", 35, 0, 1, 0, CPU, False)
-    d = DaliEvalLoader(index, 224, 0.875, "bilinear", 16, 0, 1, 2, CPU, False,
+    t = TorchEvalLoader(split=index, img_size=224, crop_pct=0.875, interpolation="bilinear",
+                        batch_size=35, rank=0, world=1, workers=0, device=CPU, channels_last=False)
+    d = DaliEvalLoader(split=index, img_size=224, crop_pct=0.875, interpolation="bilinear",
+                       batch_size=16, rank=0, world=1, workers=2, device=CPU, channels_last=False,
                        file_list_dir=str(env / "lists"))
     ref, ref_labels = collect(t, len(index))
     got, got_labels = collect(d, len(index))
@@ -94,10 +96,13 @@ def test_available_on_cpu_and_explicit_cuda_never_falls_back(env, index):
     ok, reason = dali_available(torch.device("cuda", 0))
     assert not ok and "CUDA" in reason
     with pytest.raises(CspxError, match="CUDA"):
-        DaliTrainLoader(index, AugConfig(img_size=32), 0, 8, 0, 1, 1, torch.device("cuda", 0),
-                        False, file_list_dir=str(env / "lists"))
+        DaliTrainLoader(split=index, aug=AugConfig(img_size=32), seed=0, micro_batch=8, rank=0,
+                        world=1, workers=1, device=torch.device("cuda", 0), channels_last=False,
+                        file_list_dir=str(env / "lists"))
     with pytest.raises(CspxError, match="CUDA"):
-        DaliEvalLoader(index, 32, 0.875, "bilinear", 8, 0, 1, 1, torch.device("cuda", 0), False)
+        DaliEvalLoader(split=index, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                       batch_size=8, rank=0, world=1, workers=1, device=torch.device("cuda", 0),
+                       channels_last=False)
 
 
 # ----- evaluation: labels, parity with PIL, counts ------------------------------------------------
@@ -146,8 +151,9 @@ def test_top1_agreement_with_pil(index, eval_pair):
 
 def test_eval_counts_exact_across_batches_shards_and_passes(env, index):
     n, lists = len(index), str(env / "lists")
-    loader = DaliEvalLoader(index, 32, 0.875, "bilinear", 16, 0, 1, 1, CPU, True,
-                            file_list_dir=lists)
+    loader = DaliEvalLoader(split=index, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                            batch_size=16, rank=0, world=1, workers=1, device=CPU,
+                            channels_last=True, file_list_dir=lists)
     assert (len(loader), loader.num_samples) == (7, 105)
     first = [i.tolist() for _, _, i in loader]
     assert [len(b) for b in first] == [16] * 6 + [9]
@@ -160,8 +166,9 @@ def test_eval_counts_exact_across_batches_shards_and_passes(env, index):
 
     seen, sizes = [], []
     for rank in (0, 1):
-        shard = DaliEvalLoader(index, 32, 0.875, "bilinear", 16, rank, 2, 1, CPU, False,
-                               file_list_dir=lists)
+        shard = DaliEvalLoader(split=index, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                               batch_size=16, rank=rank, world=2, workers=1, device=CPU,
+                               channels_last=False, file_list_dir=lists)
         for _ in range(2):  # twice: the same shard each pass
             idx = [k for _, y, i in shard for k in i.tolist()]
             assert len(idx) == shard.num_samples == len(set(idx))
@@ -171,15 +178,17 @@ def test_eval_counts_exact_across_batches_shards_and_passes(env, index):
     assert sizes == [(52, 4), (53, 4)]
     assert sorted(seen) == list(range(n))
 
-    big = DaliEvalLoader(index, 32, 0.875, "bilinear", 128, 0, 1, 1, CPU, False,
-                         file_list_dir=lists)  # one batch larger than the whole set
+    big = DaliEvalLoader(split=index, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                         batch_size=128, rank=0, world=1, workers=1, device=CPU,
+                         channels_last=False, file_list_dir=lists)  # one batch larger than the whole set
     assert len(big) == 1 and [len(i) for _, _, i in big] == [105]
     big.close()
 
 
 # ----- training batches ---------------------------------------------------------------------------
 def train_loader(env, index, aug, mb=8, rank=0, world=1, channels_last=False, workers=2):
-    return DaliTrainLoader(index, aug, 0, mb, rank, world, workers, CPU, channels_last,
+    return DaliTrainLoader(split=index, aug=aug, seed=0, micro_batch=mb, rank=rank, world=world,
+                           workers=workers, device=CPU, channels_last=channels_last,
                            file_list_dir=str(env / "lists"))
 
 
@@ -232,7 +241,7 @@ def one_image(env):
     a[20:70, 10:40, 1] = 200
     a[..., 2] = rng.integers(0, 255, (96, 96), dtype=np.uint8) // 2
     Image.fromarray(a).save(root / "c" / "img.png")
-    return DatasetIndex(str(root), ["c"], ["c/img.png"] * 64, np.zeros(64, np.int64))
+    return FolderSplit(str(root), ["c"], ["c/img.png"] * 64, np.zeros(64, np.int64))
 
 
 def test_flip_and_crop_vary(env, one_image):
@@ -325,9 +334,12 @@ def test_grayscale_cmyk_png_decode_to_rgb(env, index, eval_pair, tmp_path):
     src.convert("L").save(tmp_path / "a" / "gray.JPEG", quality=95)
     odd = build_index(str(tmp_path))
     assert odd.files == ["a/cmyk.JPEG", "a/gray.JPEG", "a/png.JPEG"] and not odd.excluded
-    ref, _ = collect(TorchEvalLoader(odd, 64, 0.875, "bilinear", 3, 0, 1, 0, CPU, False), 3)
-    loader = DaliEvalLoader(odd, 64, 0.875, "bilinear", 3, 0, 1, 1, CPU, False,
-                            file_list_dir=str(env / "lists"))
+    ref, _ = collect(TorchEvalLoader(split=odd, img_size=64, crop_pct=0.875,
+                                     interpolation="bilinear", batch_size=3, rank=0, world=1,
+                                     workers=0, device=CPU, channels_last=False), 3)
+    loader = DaliEvalLoader(split=odd, img_size=64, crop_pct=0.875, interpolation="bilinear",
+                            batch_size=3, rank=0, world=1, workers=1, device=CPU,
+                            channels_last=False, file_list_dir=str(env / "lists"))
     out, _ = collect(loader, 3)
     loader.close()
     for k in range(3):
@@ -353,15 +365,17 @@ def test_truncated_and_empty_files_excluded_with_warning(env, index, tmp_path, c
     assert [next(loader)[0].shape[0] for _ in range(5)] == [2] * 5  # across epochs, no crash
     assert loader.bad_files == 0
     loader.close()
-    ev = DaliEvalLoader(idx, 32, 0.875, "bilinear", 3, 0, 1, 1, CPU, False,
+    ev = DaliEvalLoader(split=idx, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                        batch_size=3, rank=0, world=1, workers=1, device=CPU, channels_last=False,
                         file_list_dir=str(env / "lists"))
     assert sum(len(i) for _, _, i in ev) == 4
     ev.close()
 
     # why the scan matters: DALI cannot skip a bad file, and says what to do about it
-    forced = DatasetIndex(idx.root, idx.classes, [idx.files[0], f"{cls.name}/truncated.JPEG"],
+    forced = FolderSplit(idx.root, idx.classes, [idx.files[0], f"{cls.name}/truncated.JPEG"],
                           np.zeros(2, np.int64))
-    bad = DaliEvalLoader(forced, 32, 0.875, "bilinear", 2, 0, 1, 1, CPU, False,
+    bad = DaliEvalLoader(split=forced, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                         batch_size=2, rank=0, world=1, workers=1, device=CPU, channels_last=False,
                          file_list_dir=str(env / "lists"))
     with pytest.raises(CspxError, match="check_dataset.py"):
         list(bad)
@@ -419,8 +433,9 @@ def test_pipelines_are_torn_down(env, index):
     for _ in range(2):
         tr = train_loader(env, index, AugConfig(img_size=32), workers=2)
         next(tr)
-        ev = DaliEvalLoader(index, 32, 0.875, "bilinear", 32, 0, 1, 2, CPU, False,
-                            file_list_dir=str(env / "lists"))
+        ev = DaliEvalLoader(split=index, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                            batch_size=32, rank=0, world=1, workers=2, device=CPU,
+                            channels_last=False, file_list_dir=str(env / "lists"))
         list(ev)
         assert threads() > before
         tr.close()
@@ -448,7 +463,8 @@ def test_output_copy_owns_its_memory_and_zero_copy_is_a_view(channels_last):
 def test_copy_out_defaults_to_the_device(env, index):
     cpu = train_loader(env, index, AugConfig(img_size=32))
     assert cpu.copy_out is False
-    forced = DaliTrainLoader(index, AugConfig(img_size=32), 0, 8, 0, 1, 1, CPU, False,
+    forced = DaliTrainLoader(split=index, aug=AugConfig(img_size=32), seed=0, micro_batch=8, rank=0,
+                             world=1, workers=1, device=CPU, channels_last=False,
                              file_list_dir=str(env / "lists"), copy_out=True)
     x, _ = next(forced)
     assert forced.copy_out and x.shape == (8, 3, 32, 32)
@@ -462,7 +478,8 @@ def test_copy_out_defaults_to_the_device(env, index):
 def test_gpu_mixed_decode_train_batches(env, index, dtype, channels_last):
     dev = torch.device("cuda", 0)
     aug = AugConfig(img_size=224, randaugment_ops=2, hue=0.1, saturation=0.75, rotate=7.0)
-    loader = DaliTrainLoader(index, aug, 0, 16, 0, 1, 4, dev, channels_last, dtype=dtype,
+    loader = DaliTrainLoader(split=index, aug=aug, seed=0, micro_batch=16, rank=0, world=1,
+                             workers=4, device=dev, channels_last=channels_last, dtype=dtype,
                              file_list_dir=str(env / "lists"))
     for _ in range(8):  # into the second epoch
         x, y = next(loader)
@@ -479,8 +496,10 @@ def test_gpu_mixed_decode_train_batches(env, index, dtype, channels_last):
 def test_gpu_eval_close_to_pil(env, index, eval_pair):
     """nvJPEG's IDCT differs from libjpeg's (fancy upsampling is on), so allow more than on CPU."""
     ref, _, _, _ = eval_pair
-    loader = DaliEvalLoader(index, 224, 0.875, "bilinear", 32, 0, 1, 4, torch.device("cuda", 0),
-                            True, file_list_dir=str(env / "lists"))
+    loader = DaliEvalLoader(split=index, img_size=224, crop_pct=0.875, interpolation="bilinear",
+                            batch_size=32, rank=0, world=1, workers=4,
+                            device=torch.device("cuda", 0), channels_last=True,
+                            file_list_dir=str(env / "lists"))
     got, labels = collect(loader, len(index))
     loader.close()
     means = [float((got[k].cpu() - ref[k]).abs().mean()) for k in range(len(index))]
@@ -495,8 +514,9 @@ def test_gpu_eval_labels_and_positions_stay_on_the_device(env, index):
     """Positions come out of the pipeline on the GPU and labels are gathered there: no batch of
     the evaluation loader visits the host."""
     dev = torch.device("cuda", 0)
-    loader = DaliEvalLoader(index, 64, 0.875, "bilinear", 32, 0, 1, 4, dev, True,
-                            file_list_dir=str(env / "lists"))
+    loader = DaliEvalLoader(split=index, img_size=64, crop_pct=0.875, interpolation="bilinear",
+                            batch_size=32, rank=0, world=1, workers=4, device=dev,
+                            channels_last=True, file_list_dir=str(env / "lists"))
     assert loader.labels.device.type == "cuda"
     got = {}
     for x, y, i in loader:
@@ -515,7 +535,8 @@ def test_gpu_memory_does_not_grow_over_epochs(env, index):
     random crops may still grow a little to the largest batch seen. A leak of one fp16 batch per
     step (4.8 MB) would add 200 MB over the last seven epochs."""
     dev = torch.device("cuda", 0)
-    loader = DaliTrainLoader(index, AugConfig(img_size=224), 0, 16, 0, 1, 4, dev, True,
+    loader = DaliTrainLoader(split=index, aug=AugConfig(img_size=224), seed=0, micro_batch=16,
+                             rank=0, world=1, workers=4, device=dev, channels_last=True,
                              dtype=torch.float16, file_list_dir=str(env / "lists"))
     used = []
     for epoch in range(10):

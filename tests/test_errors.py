@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_py
-from cspx.config import AugConfig
-from cspx.data.index import DatasetIndex
+from cspx.data.index import FolderSplit
 from cspx.errors import CspxError
 
 # Every `raise` in cspx/ and scripts/ of an exception other than CspxError, with why user input
@@ -27,13 +26,15 @@ INTERNAL = {
                                          "error (cspx.resolve runs first)",
     ("cspx/export.py", "RuntimeError"): "torch's exporter itself failed: a bug to report, with "
                                         "its traceback",
-    ("cspx/data/torch_loader.py", "RuntimeError"): "load_state_dict after the first batch: a "
-                                                   "programming error",
-    ("cspx/data/dali_loader.py", "RuntimeError"): "load_state_dict after the first batch: a "
-                                                  "programming error",
+    ("cspx/data/loader.py", "RuntimeError"): "load_state_dict after the first batch: a "
+                                             "programming error",
+    ("cspx/checkpoint/checkpointer.py", "RuntimeError"): "a save before the run's parts "
+                                                         "registered: a programming error",
+    ("cspx/checkpoint/layout.py", "ValueError"): "parts registered under names the layout does "
+                                                 "not have: a programming error",
     ("cspx/data/dali_loader.py", "ValueError"): "a dtype other than precision.loader_dtype's: a "
                                                 "programming error",
-    ("cspx/data/shards.py", "ValueError"): "samples added out of order by make_shards: a "
+    ("cspx/data/shard_writer.py", "ValueError"): "samples added out of order by make_shards: a "
                                            "programming error",
     ("cspx/data/shard_reader.py", "OSError"): "a shard shorter than its checked size: the torch "
                                               "path replaces and counts the sample, as any read "
@@ -64,24 +65,26 @@ def test_every_other_raise_is_an_internal_invariant():
 
 
 def tiny_index(n, root="/nonexistent"):
-    return DatasetIndex(root, ["a", "b"], [f"a/{i}.JPEG" for i in range(n)],
+    return FolderSplit(root, ["a", "b"], [f"a/{i}.JPEG" for i in range(n)],
                         np.zeros(n, dtype=np.int64))
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_too_small_datasets_are_one_line_for_both_loaders(world, tmp_path):
-    from cspx.data.dali_loader import DaliEvalLoader, DaliTrainLoader
-    from cspx.data.torch_loader import TorchEvalLoader, TorchTrainLoader
-    cpu = torch.device("cpu")
+def test_too_small_datasets_are_one_line_for_both_loaders(world):
+    """Checked once, where a run is set up (cspx.resolve), whichever loader it uses."""
+    from cspx.config import Config, with_updates
+    from cspx.distributed import DistEnv
+    from cspx.resolve import resolve
+    env = DistEnv(rank=0, world=world, device=torch.device("cpu"))
     need = 8 * world
-    for cls in (TorchTrainLoader, DaliTrainLoader):
-        kw = {"file_list_dir": str(tmp_path)} if cls is DaliTrainLoader else {}
+    for kind in ("torch", "dali"):
+        cfg = with_updates(Config(), data={"loader": kind},
+                           train={"batch_size": need}, eval={"batch_size": 16})
         with pytest.raises(CspxError, match=rf"the training set has {need - 1} images, but one "
                                             rf"batch needs 8 images per rank x {world} rank"):
-            cls(tiny_index(need - 1), AugConfig(img_size=32), 0, 8, 0, world, 0, cpu, False, **kw)
-    for cls in (TorchEvalLoader, DaliEvalLoader):
+            resolve(cfg, env, (tiny_index(need - 1), tiny_index(need)))
         with pytest.raises(CspxError, match=rf"the validation set has {world - 1} image"):
-            cls(tiny_index(world - 1), 32, 0.875, "bilinear", 16, 0, world, 0, cpu, False)
+            resolve(cfg, env, (tiny_index(need), tiny_index(world - 1)))
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

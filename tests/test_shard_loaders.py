@@ -17,13 +17,12 @@ import torch
 
 from conftest import run_py
 from cspx.config import AugConfig, Config, DataConfig
-from cspx.data import shards as sh
-from cspx.data.build import build_indices, open_shards
-from cspx.data.index import DatasetIndex, build_index, read_classes_file
-from cspx.data.loader import DataSplit
+from cspx.data import shard_format as sh
+from cspx.data.build import build_splits, open_shards
+from cspx.data.index import FolderSplit, build_index, read_classes_file
+from cspx.data.loader import DataSplit, EpochBatchSampler
 from cspx.data.shard_reader import ShardSplit
-from cspx.data.torch_loader import EpochBatchSampler, TorchEvalLoader, TorchTrainLoader, \
-    TrainDataset
+from cspx.data.torch_loader import TorchEvalLoader, TorchTrainLoader, TrainDataset
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from test_validate import tiny_weights  # noqa: F401  (a fixture: a model whose top-5 varies)
@@ -46,7 +45,7 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder(env, sample_dir) -> DatasetIndex:
+def folder(env, sample_dir) -> FolderSplit:
     return build_index(os.path.join(sample_dir, "val"),
                        read_classes_file(os.path.join(sample_dir, "synsets.txt")))
 
@@ -78,8 +77,10 @@ def test_shard_split_and_folder_index_are_the_same_split(folder, split):
 def test_torch_training_batches_equal_the_folder_batches(folder, split):
     """Same indices, same bytes, same per-sample seeds: the same augmented pixels, whether the
     DataLoader workers read files or preads from shards (each worker opening its own)."""
-    ref = TorchTrainLoader(folder, AUG, 0, 8, 0, 1, 0, CPU, False)
-    got = TorchTrainLoader(split, AUG, 0, 8, 0, 1, 2, CPU, False)
+    ref = TorchTrainLoader(split=folder, aug=AUG, seed=0, micro_batch=8, rank=0, world=1, workers=0,
+                           device=CPU, channels_last=False)
+    got = TorchTrainLoader(split=split, aug=AUG, seed=0, micro_batch=8, rank=0, world=1, workers=2,
+                           device=CPU, channels_last=False)
     for k in range(14):  # into the second epoch (13 batches each)
         (x, y), (a, b) = next(ref), next(got)
         assert torch.equal(x, a) and torch.equal(y, b), f"batch {k}"
@@ -95,9 +96,11 @@ def test_both_loaders_follow_one_global_permutation_with_disjoint_ranks(env, spl
     shard_of = split._rows["shard"]
     per_epoch = {}
     for rank in (0, 1):
-        d = DaliTrainLoader(split, AUG, 0, 8, rank, 2, 1, CPU, False)
-        t = TorchTrainLoader(split, AUG, 0, 8, rank, 2, 0, CPU, False)
-        sampler = EpochBatchSampler(105, 8, rank, 2, 0)
+        d = DaliTrainLoader(split=split, aug=AUG, seed=0, micro_batch=8, rank=rank, world=2,
+                            workers=1, device=CPU, channels_last=False)
+        t = TorchTrainLoader(split=split, aug=AUG, seed=0, micro_batch=8, rank=rank, world=2,
+                             workers=0, device=CPU, channels_last=False)
+        sampler = EpochBatchSampler(n=105, micro_batch=8, rank=rank, world=2, seed=0)
         assert d.batches_per_epoch == t.batches_per_epoch == 6  # 105 // 16
         for k in range(12):
             epoch, idx = sampler.batch(k)
@@ -113,23 +116,27 @@ def test_both_loaders_follow_one_global_permutation_with_disjoint_ranks(env, spl
 
 
 def test_dali_shard_loader_resumes_exactly_across_an_epoch_boundary(env, split):
-    first = DaliTrainLoader(split, AUG, 0, 16, 0, 1, 2, CPU, False)
+    first = DaliTrainLoader(split=split, aug=AUG, seed=0, micro_batch=16, rank=0, world=1,
+                            workers=2, device=CPU, channels_last=False)
     ref = [next(first) for _ in range(9)]  # 6 batches per epoch
     first.close()
-    a = DaliTrainLoader(split, AUG, 0, 16, 0, 1, 2, CPU, False)
+    a = DaliTrainLoader(split=split, aug=AUG, seed=0, micro_batch=16, rank=0, world=1, workers=2,
+                        device=CPU, channels_last=False)
     for _ in range(4):
         next(a)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     a.close()
     buf.seek(0)
-    b = DaliTrainLoader(split, AUG, 0, 16, 0, 1, 2, CPU, False)
+    b = DaliTrainLoader(split=split, aug=AUG, seed=0, micro_batch=16, rank=0, world=1, workers=2,
+                        device=CPU, channels_last=False)
     b.load_state_dict(torch.load(buf, weights_only=True))
     for k in range(4, 9):
         x, y = next(b)
         assert torch.equal(x, ref[k][0]) and torch.equal(y, ref[k][1]), f"batch {k}"
     b.close()
-    other = DaliTrainLoader(split, AUG, 1, 16, 0, 1, 2, CPU, False)  # another seed
+    other = DaliTrainLoader(split=split, aug=AUG, seed=1, micro_batch=16, rank=0, world=1,
+                            workers=2, device=CPU, channels_last=False)  # another seed
     with pytest.raises(CspxError, match="another dataset, batch size, seed"):
         other.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
 
@@ -149,7 +156,9 @@ def test_eval_counts_every_image_once_on_two_ranks(env, sample_shards_root, tmp_
     for part in (excluded, excluded.subset(37)):
         seen = []
         for rank in (0, 1):
-            loader = cls(part, 32, 0.875, "bilinear", 16, rank, 2, 1, CPU, False)
+            loader = cls(split=part, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                         batch_size=16, rank=rank, world=2, workers=1, device=CPU,
+                         channels_last=False)
             got = [(i, y) for _, ys, idx in loader for i, y in zip(idx.tolist(), ys.tolist())]
             assert len(got) == loader.num_samples and len(loader) == -(-len(got) // 16)
             seen += got
@@ -162,12 +171,14 @@ def test_dali_eval_same_pixels_as_folder_and_pil_bounds(env, folder, split):
     """DALI decodes the same bytes with the same graph: bit-identical to the folder path, and so
     within tests/test_dali.py's bounds of PIL (mean |d| < 0.01 on average, < 0.02 per image,
     max |d| < 2.5 grey levels)."""
-    ref, ref_labels = collect(TorchEvalLoader(folder, 224, 0.875, "bilinear", 35, 0, 1, 0, CPU,
-                                              False), 105)
+    ref, ref_labels = collect(TorchEvalLoader(split=folder, img_size=224, crop_pct=0.875,
+                                              interpolation="bilinear", batch_size=35, rank=0,
+                                              world=1, workers=0, device=CPU, channels_last=False), 105)
     runs = []
     for index in (folder, split):
-        loader = DaliEvalLoader(index, 224, 0.875, "bilinear", 16, 0, 1, 2, CPU, False,
-                                file_list_dir=str(env / "lists"))
+        loader = DaliEvalLoader(split=index, img_size=224, crop_pct=0.875, interpolation="bilinear",
+                                batch_size=16, rank=0, world=1, workers=2, device=CPU,
+                                channels_last=False, file_list_dir=str(env / "lists"))
         runs.append(collect(loader, 105))
         loader.close()
     (dali_folder, _), (got, got_labels) = runs
@@ -209,8 +220,9 @@ def test_validate_on_shards_gives_the_folder_predictions(  # noqa: F811 (tiny_we
     assert len({row["top5"] for row in out["folder"]}) > 10  # the model's predictions vary
     assert [(row["path"], row["label"]) for row in out["dali"]] == \
         [(f, str(y)) for f, y in zip(folder.files, folder.labels.tolist())]
-    loader = DaliEvalLoader(folder, 64, 0.875, "bilinear", 21, 0, 1, 1, CPU, False,
-                            file_list_dir=str(env / "lists"))
+    loader = DaliEvalLoader(split=folder, img_size=64, crop_pct=0.875, interpolation="bilinear",
+                            batch_size=21, rank=0, world=1, workers=1, device=CPU,
+                            channels_last=False, file_list_dir=str(env / "lists"))
     model.eval()
     with torch.no_grad():
         for x, _, idx in loader:
@@ -245,7 +257,8 @@ def test_undecodable_sample_replaced_named_and_counted(damaged, caplog):
     split, i = damaged
     name = split.name(i)
     with caplog.at_level(logging.WARNING, logger="cspx"):
-        loader = TorchTrainLoader(split.subset(i + 2), AUG, 0, i + 2, 0, 1, 0, CPU, False)
+        loader = TorchTrainLoader(split=split.subset(i + 2), aug=AUG, seed=0, micro_batch=i + 2,
+                                  rank=0, world=1, workers=0, device=CPU, channels_last=False)
         x, y = next(loader)  # one batch = one epoch of the subset, sample i among it
     # counted as fetched: this epoch's batch and the next one, already prefetched
     assert loader.bad_files == 2 and x.shape[0] == i + 2
@@ -255,12 +268,15 @@ def test_undecodable_sample_replaced_named_and_counted(damaged, caplog):
     assert sample[1:] == (int(split.labels[i + 1]), 1)  # the next sample's image, replaced once
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cspx"):
-        labels = {k: v for _, ys, idx in TorchEvalLoader(split, 32, 0.875, "bilinear", 50, 0, 1,
-                                                          0, CPU, False)
+        labels = {k: v for _, ys, idx in TorchEvalLoader(split=split, img_size=32, crop_pct=0.875,
+                                                         interpolation="bilinear", batch_size=50,
+                                                         rank=0, world=1, workers=0, device=CPU,
+                                                         channels_last=False)
                   for k, v in zip(idx.tolist(), ys.tolist())}
     assert [k for k, v in labels.items() if v == -1] == [i] and len(labels) == 105
     assert name in caplog.text and "skipped" in caplog.text
-    ev = DaliEvalLoader(split, 32, 0.875, "bilinear", 16, 0, 1, 1, CPU, False)
+    ev = DaliEvalLoader(split=split, img_size=32, crop_pct=0.875, interpolation="bilinear",
+                        batch_size=16, rank=0, world=1, workers=1, device=CPU, channels_last=False)
     with pytest.raises(CspxError, match=re.escape(name) + r".*make_shards.py --verify"):
         list(ev)
     ev.close()
@@ -299,12 +315,12 @@ def cfg_for(root, **data) -> Config:
 
 def test_data_format_auto_explicit_and_refusals(demo_data, demo_shards, tmp_path):
     env = DistEnv()
-    train, val = build_indices(cfg_for(demo_shards), env)  # auto
+    train, val = build_splits(cfg_for(demo_shards), env)  # auto
     assert (train.format, len(train), len(val)) == ("shards", 2000, 300)
-    assert build_indices(cfg_for(demo_data), env)[0].format == "folder"
-    assert build_indices(cfg_for(demo_shards, format="shards"), env)[1].format == "shards"
+    assert build_splits(cfg_for(demo_data), env)[0].format == "folder"
+    assert build_splits(cfg_for(demo_shards, format="shards"), env)[1].format == "shards"
     synsets = os.path.join(demo_data, "synsets.txt")
-    assert build_indices(cfg_for(demo_shards, classes=synsets), env)[0].classes == train.classes
+    assert build_splits(cfg_for(demo_shards, classes=synsets), env)[0].classes == train.classes
     other = tmp_path / "other.txt"
     other.write_text("".join(f"{w}\n" for w in reversed(train.classes)))
     bad = tmp_path / "bad.txt"
@@ -316,11 +332,11 @@ def test_data_format_auto_explicit_and_refusals(demo_data, demo_shards, tmp_path
             (demo_shards, {"classes": str(other)}, "data.classes: .* another order"),
             (demo_shards, {"synthetic": True}, "data.synthetic: true generates a folder")]:
         with pytest.raises(CspxError, match=message):
-            build_indices(cfg_for(data, **kw), env)
+            build_splits(cfg_for(data, **kw), env)
     unfinished = copy_of(demo_shards, tmp_path / "unfinished")
     (unfinished / sh.MANIFEST).unlink()  # make_shards.py writes it last
     with pytest.raises(CspxError, match="no shards.json; not a complete sharded dataset"):
-        build_indices(cfg_for(unfinished), env)
+        build_splits(cfg_for(unfinished), env)
 
 
 def test_ranks_check_their_own_copies_and_agree_or_all_stop(demo_shards, monkeypatch):

@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from conftest import run_py
-from cspx.data import shards as sh
+from cspx.data import shard_format as sh
 from cspx.data.shard_reader import ShardSplit
+from cspx.data.shard_writer import index_of_tar
 from cspx.errors import CspxError, run_cli
 from cspx.files import pid_alive
 
@@ -117,7 +118,7 @@ def test_tars_are_plain_gnu_tars_for_python_tarfile(sample_shards, sample_dir):
         # GNU headers only (no pax extended headers, whose offsets DALI's tools get wrong)
         magics = {raw[x.offset + 257:x.offset + 265] for x in members}
         assert magics == {b"ustar  \x00"}
-        assert (tar_path.with_suffix(".idx")).read_text() == sh.index_of_tar(str(tar_path))[0]
+        assert (tar_path.with_suffix(".idx")).read_text() == index_of_tar(str(tar_path))[0]
     assert pos == 105
 
 

@@ -53,7 +53,9 @@ def test_torch_eval_tensors_equal_timm_transform(sample_dir):
     from cspx.data.torch_loader import TorchEvalLoader
     ref_tf = timm.data.create_transform(224, crop_pct=0.875, interpolation="bilinear")
     index = build_index(os.path.join(sample_dir, "val"), synsets(sample_dir))
-    loader = TorchEvalLoader(index, 224, 0.875, "bilinear", 16, 0, 1, 0, torch.device("cpu"), False)
+    loader = TorchEvalLoader(split=index, img_size=224, crop_pct=0.875, interpolation="bilinear",
+                             batch_size=16, rank=0, world=1, workers=0, device=torch.device("cpu"),
+                             channels_last=False)
     n = 0
     for x, y, idx in loader:
         for xi, i in zip(x, idx.tolist()):

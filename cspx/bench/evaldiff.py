@@ -106,13 +106,17 @@ def evaldiff(args: Namespace) -> Tuple[List[Dict], Dict]:
                              ("cspx DALI eval, bicubic", "bicubic"),
                              ("naive DALI (resize_shorter, crop_pos 0.5), bilinear", "bilinear")):
             if interp not in ref:
-                ref[interp] = _collect(TorchEvalLoader(index, size, 0.875, interp, args.batch, 0,
-                                                       1, 0, CPU, False), n)
+                ref[interp] = _collect(TorchEvalLoader(split=index, img_size=size, crop_pct=0.875,
+                                                       interpolation=interp, batch_size=args.batch,
+                                                       rank=0, world=1, workers=0, device=CPU,
+                                                       channels_last=False), n)
             if name.startswith("naive"):
                 got = _collect(_naive(index, size, interp, args.batch, workers, lists), n)
             else:
-                ld = DaliEvalLoader(index, size, 0.875, interp, args.batch, 0, 1, workers, CPU,
-                                    False, file_list_dir=lists)
+                ld = DaliEvalLoader(split=index, img_size=size, crop_pct=0.875,
+                                    interpolation=interp, batch_size=args.batch, rank=0, world=1,
+                                    workers=workers, device=CPU, channels_last=False,
+                                    file_list_dir=lists)
                 got = _collect(ld, n)
                 ld.close()
             rows.append(args.report.row({"pipeline": name, **_compare(ref[interp], got,

@@ -10,10 +10,10 @@ shards of it (scripts/make_shards.py, 256 MB shards). The images are made once, 
 cspx.data.index.cache_dir()/bench-shards/pool, and the folders are hard links to them.
 
 Each measurement runs a fresh Python process (this module, `_child`) doing what a training run
-does before its first step: build_indices, resolve, build_train_loader, then batches. Reported:
+does before its first step: build_splits, resolve, build_train_loader, then batches. Reported:
 - startup: seconds from launching the process to its first training batch, the part of it
-  from build_indices on (the data stage: Python and torch imports excluded), and within that the
-  index alone (build_indices: listing the files, or reading the manifest and the shard check),
+  from build_splits on (the data stage: Python and torch imports excluded), and within that the
+  index alone (build_splits: listing the files, or reading the manifest and the shard check),
   which is what every rank waits for before its first collective. Folders with a cold
   cspx index cache (a new CSPX_CACHE: listing and quick scan of every file) and a warm one (the
   cache the cold run left). The OS page cache is not dropped (that needs root).
@@ -100,8 +100,8 @@ def _overrides(args: Namespace, root: str, fmt: str, kind: str) -> List[str]:
 
 
 def _launch(args: Namespace, overrides: List[str], cache: str) -> Dict[str, float]:
-    """One fresh process: its startup (launch to first batch, s), its data stage (build_indices
-    to first batch, s), its index (build_indices alone, s) and its img/s."""
+    """One fresh process: its startup (launch to first batch, s), its data stage (build_splits
+    to first batch, s), its index (build_splits alone, s) and its img/s."""
     spec = {"recipe": args.recipe, "overrides": overrides, "steps": args.steps,
             "warmup": 4 * max(1, args.workers) + 2}  # DataLoader: 4 batches queued per worker
     t0 = time.time()
@@ -183,7 +183,7 @@ def _child(spec: dict) -> None:
     """A training run's data stage, timed (see the module doc); prints one JSON line."""
     import torch
     from cspx.config import load_config
-    from cspx.data.build import build_indices, build_train_loader
+    from cspx.data.build import build_splits, build_train_loader
     from cspx.distributed import DistEnv
     from cspx.resolve import resolve
     cfg = load_config(spec["recipe"], spec["overrides"], check_paths=False)
@@ -192,7 +192,7 @@ def _child(spec: dict) -> None:
     env = DistEnv(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
     sync = torch.cuda.synchronize if use_cuda else (lambda: None)
     data_start = time.time()
-    data = build_indices(cfg, env)
+    data = build_splits(cfg, env)
     index_done = time.time()
     cfg = resolve(cfg, env, data)
     with tempfile.TemporaryDirectory() as work:

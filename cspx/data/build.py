@@ -2,8 +2,10 @@
 iterates, from the resolved config's `data`, `aug`, `eval` and `train` sections.
 
 Both loader kinds implement cspx.data.loader's interface, so the training loop never asks which
-one it has, and both read either data format (a `loader.DataSplit`: a folder's index or a shard
-split). This module is the one reader of `data.loader`, `data.format` and `data.bad_shards`.
+one it has, and both read either data format (a `loader.DataSplit`: a folder's split or a shard
+split). This module is where `data.loader`, `data.format` and `data.bad_shards` take effect: it
+alone decides from them which splits and loaders a run gets. Others only report them (plan.py's
+--dry-run, the validate.py command a run prints at its end, the benchmarks' row names).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from cspx.data import synthetic
 from cspx.data.index import build_index, read_classes_file
 from cspx.data.loader import DataSplit, EvalLoader, TrainLoader
 from cspx.data.scan import read_exclude_file
-from cspx.data.shards import MANIFEST, MARKER, read_manifest
+from cspx.data.shard_format import MANIFEST, MARKER, read_manifest
 from cspx.data.shard_reader import ShardSplit
 from cspx.data.torch_loader import TorchEvalLoader, TorchTrainLoader
 from cspx.distributed import DistEnv, main_first
@@ -85,7 +87,7 @@ def open_shards_on_every_rank(root: str, splits: Sequence[str], classes: str, ex
     return out
 
 
-def build_indices(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
+def build_splits(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
     """The train and val splits of data.root, in data.format: a folder indexed (train/ and val/),
     or shards opened through their start-up check on every rank. For a folder rank 0 generates
     the demo set if asked and scans; the other ranks wait for it without a collective timeout
@@ -123,9 +125,9 @@ def build_indices(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
     return main_first(scan, env, "indexing data.root")
 
 
-def build_train_loader(cfg: Config, index: DataSplit, env: DistEnv, work_dir: str) -> TrainLoader:
+def build_train_loader(cfg: Config, split: DataSplit, env: DistEnv, work_dir: str) -> TrainLoader:
     """The training loader data.loader names, producing precision.loader_dtype images."""
-    common = dict(index=index, aug=cfg.aug, seed=cfg.seed, micro_batch=micro_batch(cfg, env.world),
+    common = dict(split=split, aug=cfg.aug, seed=cfg.seed, micro_batch=micro_batch(cfg, env.world),
                   rank=env.rank, world=env.world, workers=cfg.data.workers, device=env.device,
                   channels_last=cfg.model.channels_last,
                   dtype=precision.loader_dtype(precision.of(cfg), env.device))
@@ -136,12 +138,12 @@ def build_train_loader(cfg: Config, index: DataSplit, env: DistEnv, work_dir: st
     return TorchTrainLoader(**common)
 
 
-def build_eval_loader(kind: str, index: DataSplit, img_size: int, crop_pct: float,
+def build_eval_loader(kind: str, split: DataSplit, img_size: int, crop_pct: float,
                       interpolation: str, batch_size: int, env: DistEnv, workers: int,
                       channels_last: bool, file_list_dir: str = "") -> EvalLoader:
     """An evaluation loader of `kind` ('torch' or 'dali'); float32 images (the model's autocast
-    casts), every image of `index` in exactly one rank's share."""
-    common = dict(index=index, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation,
+    casts), every image of `split` in exactly one rank's share."""
+    common = dict(split=split, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation,
                   batch_size=batch_size, rank=env.rank, world=env.world, workers=workers,
                   device=env.device, channels_last=channels_last)
     if kind == "dali":
@@ -150,9 +152,9 @@ def build_eval_loader(kind: str, index: DataSplit, img_size: int, crop_pct: floa
     return TorchEvalLoader(**common)
 
 
-def eval_loader_for(cfg: Config, index: DataSplit, env: DistEnv, work_dir: str) -> EvalLoader:
+def eval_loader_for(cfg: Config, split: DataSplit, env: DistEnv, work_dir: str) -> EvalLoader:
     """The evaluation loader of a training run (its eval section, its data.loader)."""
     e = cfg.eval
-    return build_eval_loader(cfg.data.loader, index, e.img_size, e.crop_pct, e.interpolation,
+    return build_eval_loader(cfg.data.loader, split, e.img_size, e.crop_pct, e.interpolation,
                              e.batch_size, env, cfg.data.workers, cfg.model.channels_last,
                              work_dir)

@@ -17,7 +17,7 @@ that rank's epochs are one batch longer; ranks still step together, since the it
 infinite.
 
 Order, shards. cspx reads the samples itself and hands them to fn.external_source in the order
-of the torch loader (torch_loader.EpochBatchSampler): one permutation of the whole split per
+of the torch loader (loader.EpochBatchSampler): one permutation of the whole split per
 epoch, rank r taking slice r of each global micro-batch (dali_sources). Only the graph's input
 differs from the folder path; its operators, seeds and checkpoint are the same.
 
@@ -41,12 +41,12 @@ bandwidth (an estimate; `scripts/benchmark.py loader --loaders dali-copy,dali-ze
 measures both ways on a GPU). On the CPU there are no streams, and the views are used as they
 are. `DaliTrainLoader(copy_out=...)` overrides the choice (the benchmark's zero-copy row).
 
-Bad files. DALI cannot skip a file at run time, so files failing the index's quick scan are never
-listed (`index.excluded`), and `bad_files` stays 0: unlike the torch path, nothing is replaced
-while running. A file that passes the scan but fails to decode stops the run with a message
-naming scripts/check_dataset.py (its exclusion list goes to data.exclude); from shards, whose
-images make_shards.py decoded once already, the message names the image (its original path and
-shard) and `make_shards.py --verify`.
+Bad files. DALI cannot skip a file at run time, so files failing the folder index's quick scan
+are never listed (`FolderSplit.excluded`), and `bad_files` stays 0: unlike the torch path,
+nothing is replaced while running. A file that passes the scan but fails to decode stops the
+run with a message naming scripts/check_dataset.py (its exclusion list goes to data.exclude);
+from shards, whose images make_shards.py decoded once already, the message names the image
+(its original path and shard) and `make_shards.py --verify`.
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ import torch
 
 from cspx.config import AugConfig
 from cspx.data.dali_sources import ShardEvalSource, ShardTrainSource
-from cspx.data.index import DatasetIndex, cache_dir
-from cspx.data.loader import CountedPosition, DataSplit, check_fits, listing_hash
-from cspx.data.torch_loader import EpochBatchSampler
+from cspx.data.index import FolderSplit, cache_dir
+from cspx.data.loader import (CountedPosition, DataSplit, EpochBatchSampler, contiguous_share,
+                              listing_hash)
 from cspx.data.transforms import eval_resize_size, sample_seed
 from cspx.errors import CspxError
 
@@ -106,29 +106,26 @@ def _device_id(device: torch.device) -> Optional[int]:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _shard_size(n: int, rank: int, world: int) -> int:
-    """DALI's shard r is [floor(r n / w), floor((r + 1) n / w))."""
-    return (rank + 1) * n // world - rank * n // world
-
-
-def _file_list(directory: str, name: str, index: DatasetIndex, label_is_index: bool) -> str:
+def _file_list(directory: str, name: str, split: FolderSplit, label_is_position: bool) -> str:
     """Write (or reuse) the file list; the name carries a hash of its contents (relative paths and
     labels), so concurrent ranks and later runs agree on it without locking."""
-    digest = listing_hash(index.files, index.labels.tolist(), str(label_is_index))
+    digest = listing_hash(split.files, split.labels.tolist(), str(label_is_position))
     path = os.path.join(directory, f"{name}-{digest}.txt")
     os.makedirs(directory, exist_ok=True)
     if not os.path.exists(path):
-        index.write_file_list(path, label_is_index=label_is_index)
+        split.write_file_list(path, label_is_position=label_is_position)
     return path
 
 
-def _folder_reader(index: DataSplit, directory: Optional[str], name: str, rank: int, world: int,
-                   shuffle_seed: int, label_is_index: bool) -> Dict[str, Any]:
-    """fn.readers.file's settings for a folder: rank r reads DALI's shard r of the file list."""
+def _folder_reader(split: DataSplit, directory: Optional[str], name: str, rank: int, world: int,
+                   shuffle_seed: int, label_is_position: bool) -> Dict[str, Any]:
+    """fn.readers.file's settings for a folder: rank r reads DALI's shard r of the file list,
+    the slice loader.contiguous_share."""
     directory = directory or os.path.join(cache_dir(), "dali")
-    assert isinstance(index, DatasetIndex)
-    return dict(file_root=index.root, file_list=_file_list(directory, name, index, label_is_index),
-                shard_id=rank, num_shards=world, shuffle_seed=shuffle_seed)
+    assert isinstance(split, FolderSplit)
+    files = _file_list(directory, name, split, label_is_position)
+    return dict(file_root=split.root, file_list=files, shard_id=rank, num_shards=world,
+                shuffle_seed=shuffle_seed)
 
 
 def _reraise(e: RuntimeError, source=None):
@@ -170,30 +167,31 @@ class DaliTrainLoader(CountedPosition):
 
     kind = "dali"
 
-    def __init__(self, index: DataSplit, aug: AugConfig, seed: int, micro_batch: int,
+    def __init__(self, *, split: DataSplit, aug: AugConfig, seed: int, micro_batch: int,
                  rank: int, world: int, workers: int, device: torch.device, channels_last: bool,
                  dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65,
                  file_list_dir: Optional[str] = None, copy_out: Optional[bool] = None):
         if dtype not in DTYPES:
             raise ValueError(f"DALI loader produces float32 or float16, not {dtype}")
-        check_fits("training", len(index), micro_batch, world, partial=False)
         self.device, self.device_id = device, _device_id(device)
         # hand out torch-owned copies (default: on a GPU) or DALI's own buffers (module doc)
         self.copy_out = self.device_id is not None if copy_out is None else copy_out
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.workers, self.channels_last = max(1, workers), channels_last
-        if index.format == "shards":  # cspx's global permutation (dali_sources module doc)
-            sampler = EpochBatchSampler(len(index), micro_batch, rank, world, seed)
+        if split.format == "shards":  # cspx's global permutation (dali_sources module doc)
+            sampler = EpochBatchSampler(n=len(split), micro_batch=micro_batch, rank=rank,
+                                        world=world, seed=seed)
             self.batches_per_epoch = sampler.batches_per_epoch
-            self.source: Optional[ShardTrainSource] = ShardTrainSource(index, sampler)
+            self.source: Optional[ShardTrainSource] = ShardTrainSource(split, sampler)
             self.reader: Dict[str, Any] = {"source": self.source}
-            order = {"order": "cspx", "rank": rank, "world": world, "files": index.fingerprint()}
+            order = {"order": "cspx", "rank": rank, "world": world, "files": split.fingerprint()}
         else:
-            self.batches_per_epoch = _shard_size(len(index), rank, world) // micro_batch
+            shard = contiguous_share(len(split), rank, world)  # DALI's shard of the file list
+            self.batches_per_epoch = len(shard) // micro_batch
             self.source = None
-            self.reader = _folder_reader(index, file_list_dir, "train", rank, world,
+            self.reader = _folder_reader(split, file_list_dir, "train", rank, world,
                                          sample_seed(seed, -1, -1) & 0x7FFFFFFF,  # on every rank
-                                         label_is_index=False)
+                                         label_is_position=False)
             order = {k: v for k, v in self.reader.items() if k not in ("file_root", "file_list")}
             order["files"] = os.path.basename(self.reader["file_list"])
         self.params = dict(
@@ -225,22 +223,20 @@ class DaliTrainLoader(CountedPosition):
                 "signature": self.signature,
                 "checkpoint": base64.b64encode(ckpt or b"").decode("ascii")}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self._it is not None:
-            raise RuntimeError("load_state_dict must come before the first batch")
-        if state.get("kind") == self.kind and (state.get("world"), state.get("rank")) != (
-                self.world, self.rank):
+    def _load_position(self, state: dict) -> None:
+        """After CountedPosition's checks: the DALI checkpoint, where it fits this pipeline."""
+        if (state.get("world"), state.get("rank")) != (self.world, self.rank):
             if self.rank == 0:
                 log.warning(f"DALI loader: the checkpoint's data order is for {state.get('world')} "
                             f"rank(s), this run has {self.world}; DALI's order cannot move to "
                             f"another world size, so it starts afresh (a new permutation, "
                             f"epoch count from 0)")
             return
-        if state.get("kind") == self.kind and state.get("signature") != self.signature:
+        if state.get("signature") != self.signature:
             raise CspxError("checkpoint: its DALI loader state comes from another dataset, batch "
                             "size, seed, augmentation or cspx version of the DALI graph; it "
                             "cannot resume this pipeline exactly")
-        super().load_state_dict(state)
+        super()._load_position(state)
         self._checkpoint = base64.b64decode(state["checkpoint"]) or None
 
     def _build(self):
@@ -286,38 +282,38 @@ class DaliTrainLoader(CountedPosition):
 
 
 class DaliEvalLoader:
-    """One pass over this rank's shard (the contiguous slice [r n / w, (r + 1) n / w) of the
-    split) per iteration, every image exactly once. From a folder's file list the reader pads
-    the shard to whole batches and the iterator cuts the padding off the last batch
-    (LastBatchPolicy.PARTIAL); from shards the source hands out the slice and ends the pass
-    itself. Yields (images, labels, indices int64 into the split), all three on the device: on
-    a GPU the positions never visit the host. The pipeline is built once and serves every pass."""
+    """One pass over this rank's share (loader.contiguous_share: the contiguous slice
+    [r n / w, (r + 1) n / w) of the split) per iteration, every image exactly once. From a
+    folder's file list the reader pads the shard to whole batches and the iterator cuts the
+    padding off the last batch (LastBatchPolicy.PARTIAL); from shards the source hands out the
+    slice and ends the pass itself. Yields (images, labels, indices int64 into the split), all
+    three on the device: on a GPU the positions never visit the host. The pipeline is built
+    once and serves every pass."""
 
     kind = "dali"
 
-    def __init__(self, index: DataSplit, img_size: int, crop_pct: float, interpolation: str,
+    def __init__(self, *, split: DataSplit, img_size: int, crop_pct: float, interpolation: str,
                  batch_size: int, rank: int, world: int, workers: int, device: torch.device,
                  channels_last: bool, file_list_dir: Optional[str] = None):
-        check_fits("validation", len(index), batch_size, world, partial=True)
         self.device, self.device_id = device, _device_id(device)
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.channels_last = channels_last
-        self._num = _shard_size(len(index), rank, world)
-        if index.format == "shards":
-            lo = rank * len(index) // world
-            self.source: Optional[ShardEvalSource] = ShardEvalSource(index, lo, lo + self._num,
-                                                                     batch_size)
+        share = contiguous_share(len(split), rank, world)
+        self._num = len(share)
+        if split.format == "shards":
+            self.source: Optional[ShardEvalSource] = ShardEvalSource(split, share.start,
+                                                                     share.stop, batch_size)
             self.reader: Dict[str, Any] = {"source": self.source}
-        else:
+        else:  # DALI's reader takes the same slice of the file list itself
             self.source = None
-            self.reader = _folder_reader(index, file_list_dir, "val", rank, world, 0,
-                                         label_is_index=True)
+            self.reader = _folder_reader(split, file_list_dir, "val", rank, world, 0,
+                                         label_is_position=True)
         self.params = dict(
             mixed=self.device_id is not None, img_size=img_size,
             resize_size=eval_resize_size(img_size, crop_pct), interpolation=interpolation,
             channels_last=channels_last)
-        # the reader's label is the position in the index: class labels come from this table
-        self.labels = torch.from_numpy(index.labels).to(device)
+        # the reader's label is the position in the split: class labels come from this table
+        self.labels = torch.from_numpy(split.labels).to(device)
         self._pipe = self._it = None
         self._clean = True  # False while a pass is under way or was abandoned midway
 

@@ -8,14 +8,15 @@ callables; everything after the encoded bytes is the same operators.
 Training (`ShardTrainSource`). DALI calls the source with BatchInfo; `info.iteration` counts the
 batches since the pipeline started, and a pipeline restored from a DALI checkpoint resumes that
 count at the batches handed out (not at what it had prefetched). Batch k is global micro-batch k
-of torch_loader.EpochBatchSampler: epoch e is one permutation of the whole split drawn from
+of loader.EpochBatchSampler: epoch e is one permutation of the whole split drawn from
 (seed, e), so the shuffle is per sample across shards, the ranks are disjoint within an epoch,
 and the torch and DALI loaders see the same images at every step. The source never ends.
 
 Evaluation (`ShardEvalSource`). Rank r takes the contiguous slice [r n / w, (r + 1) n / w) of the
-split (as DALI's readers shard a file list), one batch per call, the last one partial, then
-raises StopIteration: the end of the pass. Every image is counted once, on any number of ranks,
-also with `--limit` or excluded shards, since the indices are the split's own.
+split (loader.contiguous_share, as DALI's readers shard a file list), one batch per call, the
+last one partial, then raises StopIteration: the end of the pass. Every image is counted once,
+on any number of ranks, also with `--limit` or excluded shards, since the indices are the
+split's own.
 
 Both yield (encoded bytes as uint8 (size,), int32 (1,)): the label (training) or the index in the
 split (evaluation, gathered into labels on the device as for folders).
@@ -29,7 +30,7 @@ import numpy as np
 
 from cspx.data import scan
 from cspx.data.shard_reader import ShardSplit
-from cspx.data.torch_loader import EpochBatchSampler
+from cspx.data.loader import EpochBatchSampler
 from cspx.errors import CspxError
 
 Batch = Tuple[List[np.ndarray], List[np.ndarray]]

@@ -1,7 +1,8 @@
-"""The dataset index, at the start of a run and of validate.py: which files exist, their labels,
-and which are excluded as unreadable.
+"""Folder datasets, at the start of a run and of validate.py: a folder indexed (which files
+exist, their labels, and which are excluded as unreadable) into its `FolderSplit`, the
+`loader.DataSplit` of a folder.
 
-Both loaders (torch and DALI) consume the same `DatasetIndex`, so label k means the same wnid in
+Both loaders (torch and DALI) read the same `FolderSplit`, so label k means the same wnid in
 both. Labels come from a synset list when one is given (`data.classes` / `--classes`): line k of
 that file is class k, so a folder holding only some of the 1000 ImageNet classes still gets the
 standard indices. Without it, label k is the k-th sorted class folder (torchvision's rule).
@@ -39,7 +40,7 @@ def cache_dir() -> str:
 
 
 @dataclass
-class DatasetIndex:
+class FolderSplit:
     """Files under `root` with labels. `files[i]` is relative to root, e.g. 'n01440764/x.JPEG'.
     A `loader.DataSplit`, as `shard_reader.ShardSplit` is."""
 
@@ -74,14 +75,14 @@ class DatasetIndex:
         """Identity of the contents as training sees them: files, labels and class list."""
         return listing_hash(self.files, self.labels.tolist(), "\n".join(self.classes))
 
-    def subset(self, n: int) -> "DatasetIndex":
+    def subset(self, n: int) -> "FolderSplit":
         """The first n files (sorted order); for `--limit`."""
-        return DatasetIndex(self.root, self.classes, self.files[:n], self.labels[:n], self.excluded)
+        return FolderSplit(self.root, self.classes, self.files[:n], self.labels[:n], self.excluded)
 
-    def write_file_list(self, path: str, label_is_index: bool = False) -> None:
-        """DALI `file_list`: one 'relative/path label' per line. With label_is_index the second
-        column is the sample's position in this index (used to recover paths and to map labels)."""
-        atomic_write(path, "".join(f"{rel} {i if label_is_index else lab}\n" for i, (rel, lab)
+    def write_file_list(self, path: str, label_is_position: bool = False) -> None:
+        """DALI `file_list`: one 'relative/path label' per line. With label_is_position the second
+        column is the sample's position in this split (used to recover paths and to map labels)."""
+        atomic_write(path, "".join(f"{rel} {i if label_is_position else lab}\n" for i, (rel, lab)
                                    in enumerate(zip(self.files, self.labels.tolist()))),
                      durable=False)
 
@@ -172,8 +173,8 @@ class _Progress:
 
 def build_index(root: str, classes: Optional[Sequence[str]] = None,
                 exclude: Optional[Dict[str, str]] = None, workers: int = 8,
-                warn: bool = True) -> DatasetIndex:
-    """Index `root/<wnid>/*.{jpg,jpeg,png}` (any case).
+                warn: bool = True) -> FolderSplit:
+    """Index `root/<wnid>/*.{jpg,jpeg,png}` (any case): the folder's split.
 
     classes: the synset list fixing label indices; every class folder must be in it.
     exclude: extra {rel: reason} to leave out (from `scripts/check_dataset.py`).
@@ -205,4 +206,4 @@ def build_index(root: str, classes: Optional[Sequence[str]] = None,
     excluded = {rel: r for rel, r in bad.items() if rel in listed}
     if excluded and warn:
         log.warning(f"{root}: excluding {scan.summarize(excluded)}")
-    return DatasetIndex(root, class_list, files, labels, excluded)
+    return FolderSplit(root, class_list, files, labels, excluded)

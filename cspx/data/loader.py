@@ -2,25 +2,30 @@
 evaluator may ask of a loader, whichever kind (torch, DALI; folder or shards) it is.
 
 The trainer and `eval_metrics.evaluate` use only these members, so a new loader kind plugs in
-without touching them. `CountedPosition` is the position bookkeeping every training loader
-shares: its whole resumable position is the number of micro-batches handed out.
+without touching them. What the loader kinds share lives here too: `CountedPosition`, the
+position bookkeeping of every training loader (its whole resumable position is the number of
+micro-batches handed out); `EpochBatchSampler`, cspx's own training order; and
+`contiguous_share`, the one rule for splitting evaluation between ranks.
 
 `DataSplit` is the other side: what every loader reads of a dataset split, whichever format
-(data.format) stores it: a folder (`index.DatasetIndex`) or shards (`shard_reader.ShardSplit`).
+(data.format) stores it: a folder (`index.FolderSplit`) or shards (`shard_reader.ShardSplit`).
+A split must fit its batches (`check_fits`); that is checked once, where a run is set up
+(cspx.resolve for training, eval_checkpoint for validate.py), not by every loader.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import (ClassVar, Dict, Iterable, Iterator, List, Protocol, Sequence, Tuple,
-                    runtime_checkable)
+from typing import (Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence,
+                    Tuple, runtime_checkable)
 
 import numpy as np
 import torch
 
+from cspx.data.transforms import sample_seed
 from cspx.errors import CspxError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]                 # images (N,3,H,W), labels (N,) int64
-EvalBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # + indices (N,) into the index
+EvalBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # + indices (N,) into the split
 
 
 @runtime_checkable
@@ -88,11 +93,14 @@ class EvalLoader(Protocol):
 
 class CountedPosition:
     """Position bookkeeping of a training loader: `consumed` micro-batches handed out.
-    Subclasses set `kind` and `batches_per_epoch`."""
+    Subclasses set `kind` and `batches_per_epoch`, keep their live iterator in `_it` (None
+    before the first batch and after close()), and extend `_load_position` for state beyond
+    the count."""
 
     kind = ""
     consumed = 0
     batches_per_epoch = 1
+    _it: Optional[Any] = None
 
     @property
     def epoch(self) -> float:
@@ -102,10 +110,69 @@ class CountedPosition:
         return {"kind": self.kind, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: before the first batch (or after close()), from a loader of
+        this kind."""
+        if self._it is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
         if state.get("kind") != self.kind:
             raise CspxError(f"checkpoint: the loader state is for a {state.get('kind')!r} "
                             f"loader, this run uses {self.kind!r} (data.loader)")
+        self._load_position(state)
+
+    def _load_position(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
+
+
+class EpochBatchSampler:
+    """cspx's training order, for one rank: an infinite batch sampler of (epoch, index) keys,
+    starting at global micro-batch `start`.
+
+    Epoch e is a permutation of the split drawn from (seed, e). Optimizer step s over all ranks
+    consumes consecutive global micro-batches of `micro_batch * world` samples; rank r takes
+    slice r of each. So one rank with batch 8 and two ranks with batch 4 see the same samples
+    per step, the ranks are disjoint within an epoch, and the whole position is one integer.
+    The last `n mod (micro_batch * world)` samples of each permutation are left out of that
+    epoch (different ones each epoch). The torch loader samples with it, and the DALI loader
+    on shards (dali_sources.ShardTrainSource)."""
+
+    def __init__(self, *, n: int, micro_batch: int, rank: int, world: int, seed: int,
+                 start: int = 0):
+        self.n, self.mb, self.rank, self.world, self.seed = n, micro_batch, rank, world, seed
+        self.batches_per_epoch = n // (micro_batch * world)  # >= 1: check_fits at setup
+        self.start = start
+        self._perm: Tuple[int, List[int]] = (-1, [])  # the last epoch's permutation
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
+        return torch.randperm(self.n, generator=g)
+
+    def batch(self, k: int) -> Tuple[int, List[int]]:
+        """(epoch, this rank's indices) of global micro-batch k."""
+        e, b = divmod(k, self.batches_per_epoch)
+        if self._perm[0] != e:
+            self._perm = (e, self.permutation(e).tolist())
+        lo = (b * self.world + self.rank) * self.mb
+        return e, self._perm[1][lo:lo + self.mb]
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        k = self.start
+        while True:
+            epoch, indices = self.batch(k)
+            yield [(epoch, i) for i in indices]
+            k += 1
+
+
+def contiguous_share(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s share of a split of n samples in evaluation: the contiguous slice
+    [floor(rank n / world), floor((rank + 1) n / world)). Shares differ by at most one sample,
+    none is padded, and every sample is in exactly one share.
+
+    Both loaders split evaluation this one way, so a rank evaluates the same images whichever
+    loader it runs. Contiguous, not strided: it is how DALI's readers shard a file list
+    (shard_id / num_shards), so the DALI loader needs no file list of its own per rank, and a
+    rank reads neighbouring samples (on shards: consecutive samples of a few tar files). DALI's
+    folder reader for training shards the same way."""
+    return range(rank * n // world, (rank + 1) * n // world)
 
 
 def listing_hash(files: Sequence[str], labels: Iterable[int], salt: str = "") -> str:

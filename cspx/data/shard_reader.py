@@ -1,10 +1,13 @@
-"""One split of a sharded dataset, as the loaders see it: labels, random access to the image bytes,
-and the original paths, without reading any per-sample text at start.
+"""Sharded datasets, read at the start of a run and at every step: the reader side of the format
+in shard_format.py (shard_writer.py is the writer). One split of a sharded dataset, as the
+loaders see it: labels, random access to the image bytes, and the original paths, without
+reading any per-sample text at start.
 
-Opening a split reads the manifest, runs the start-up check on every shard (shards.quick_check)
-and loads the per-sample table (samples.npy, 32 bytes a sample), checking it in full. A shard that
-fails the check is handled by `bad_shards` (the recipe's data.bad_shards): 'refuse' stops with one
-line naming it; 'exclude' names it in a warning and leaves its samples out of the split.
+Opening a split reads the manifest, runs the start-up check on every shard
+(shard_format.failing_shards) and loads the per-sample table (samples.npy, 32 bytes a sample),
+checking it in full. A shard that fails the check is handled by `bad_shards` (the recipe's
+data.bad_shards): 'refuse' stops with one line naming it; 'exclude' names it in a warning and
+leaves its samples out of the split.
 
 Sample i of a ShardSplit is row i of the table of the shards kept; `positions[i]` is its position
 in the split as written (the KEY in the tar and the second int of KEY.lab), which differs from i
@@ -26,8 +29,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from cspx.data.shards import (SAMPLE_DTYPE, TABLE, Manifest, ShardInfo, quick_check,
-                              read_manifest)
+from cspx.data.shard_format import (SAMPLE_DTYPE, TABLE, Manifest, ShardInfo, failing_shards,
+                                    read_manifest)
 from cspx.errors import CspxError
 
 log = logging.getLogger("cspx")
@@ -67,7 +70,7 @@ def load_table(root: str, split: str, m: Manifest) -> np.ndarray:
 
 class ShardSplit:
     """One split ('train', 'val') of the sharded dataset at `root`: a `loader.DataSplit`, as a
-    folder's `index.DatasetIndex` is, so every loader reads either."""
+    folder's `index.FolderSplit` is, so every loader reads either."""
 
     format = "shards"
 
@@ -84,7 +87,7 @@ class ShardSplit:
                             f"{', '.join(sorted(m.splits)) or 'none'})")
         info = m.splits[split]
         self.classes: List[str] = list(m.classes)
-        bad = quick_check(self.root, split, m)
+        bad = failing_shards(self.root, split, m)
         table = load_table(self.root, split, m)
         if bad and bad_shards == "refuse":
             first = sorted(bad)[0]

@@ -2,17 +2,14 @@
 workers, sharded by rank, resumable. It reads any `loader.DataSplit`: a folder's files, or a
 sharded dataset's samples by offset (shard_reader.ShardSplit); only `read(i)` differs.
 
-Order. Epoch e is a permutation of the index drawn from (seed, e). Optimizer step s over all ranks
-consumes consecutive global micro-batches of `micro_batch * world` images; rank r takes slice r of
-each. So one rank with batch 8 and two ranks with batch 4 see the same images per step, the ranks
-are disjoint within an epoch, and the whole position is one integer: micro-batches consumed.
-The last `n mod (micro_batch * world)` images of each permutation are left out of that epoch
-(they are different images each epoch).
+Order. cspx's own (loader.EpochBatchSampler): epoch e is a permutation of the split drawn from
+(seed, e), and rank r takes slice r of each global micro-batch; the whole position is one
+integer, the micro-batches consumed. Evaluation: rank r evaluates loader.contiguous_share.
 
-Bad files. The index already excludes files failing the quick scan (make_shards.py leaves out
-images that do not decode); a sample that still fails to read or decode is named in a warning
-(its original path), counted, and replaced by the next sample of the split, with the original
-sample's random seed, so a run never crashes and stays deterministic.
+Bad files. A folder split already excludes files failing the quick scan (make_shards.py leaves
+out images that do not decode); a sample that still fails to read or decode is named in a
+warning (its original path), counted, and replaced by the next sample of the split, with the
+original sample's random seed, so a run never crashes and stays deterministic.
 
 Generators. Every DataLoader gets a generator of its own: a DataLoader draws its workers' base
 seed from its generator each time an iterator is made, and with the default (torch's global
@@ -24,13 +21,13 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cspx.config import AugConfig
-from cspx.data.loader import CountedPosition, DataSplit, check_fits
+from cspx.data.loader import CountedPosition, DataSplit, EpochBatchSampler, contiguous_share
 from cspx.data.transforms import (TrainTransform, decode_rgb, eval_transform, mean_std,
                                   normalize_, sample_seed, seeded)
 from cspx.errors import CspxError
@@ -42,82 +39,51 @@ MAX_REPLACEMENTS = 16
 class TrainDataset(Dataset):
     """Item key is (epoch, index): the pair seeds the sample's augmentation."""
 
-    def __init__(self, index: DataSplit, aug: AugConfig, seed: int):
-        self.index, self.seed, self.transform = index, seed, TrainTransform(aug)
+    def __init__(self, split: DataSplit, aug: AugConfig, seed: int):
+        self.split, self.seed, self.transform = split, seed, TrainTransform(aug)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.split)
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, i = key
-        n = len(self.index)
+        n = len(self.split)
         for attempt in range(MAX_REPLACEMENTS):
             j = (i + attempt) % n
             try:
-                img = decode_rgb(self.index.read(j))
+                img = decode_rgb(self.split.read(j))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-                log.warning(f"{self.index.location(j)}: cannot decode ({type(e).__name__}: {e}); "
+                log.warning(f"{self.split.location(j)}: cannot decode ({type(e).__name__}: {e}); "
                             f"replaced by the next file")
                 continue
             with seeded(sample_seed(self.seed, epoch, i)):
                 x = self.transform(img)
-            return x, int(self.index.labels[j]), attempt
-        fix = ("run scripts/make_shards.py --verify on data.root" if self.index.format == "shards"
+            return x, int(self.split.labels[j]), attempt
+        fix = ("run scripts/make_shards.py --verify on data.root" if self.split.format == "shards"
                else "run scripts/check_dataset.py and set data.exclude to the list it writes")
         raise CspxError(f"{MAX_REPLACEMENTS} consecutive files failed to decode near "
-                        f"{self.index.location(i)}; {fix}")
+                        f"{self.split.location(i)}; {fix}")
 
 
 class EvalDataset(Dataset):
     """Returns (uint8 image, label, index); label -1 marks an image that failed to decode, which
     evaluation leaves out (and counts) rather than replacing, so nothing is counted twice."""
 
-    def __init__(self, index: DataSplit, img_size: int, crop_pct: float, interpolation: str):
-        self.index = index
+    def __init__(self, split: DataSplit, img_size: int, crop_pct: float, interpolation: str):
+        self.split = split
         self.transform = eval_transform(img_size, crop_pct, interpolation)
         self.blank = torch.zeros(3, img_size, img_size, dtype=torch.uint8)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.split)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(decode_rgb(self.index.read(i))), int(self.index.labels[i]), i
+            return self.transform(decode_rgb(self.split.read(i))), int(self.split.labels[i]), i
         except Exception as e:
-            log.warning(f"{self.index.location(i)}: cannot decode ({type(e).__name__}: {e}); "
+            log.warning(f"{self.split.location(i)}: cannot decode ({type(e).__name__}: {e}); "
                         f"skipped")
             return self.blank, -1, i
-
-
-class EpochBatchSampler:
-    """Infinite batch sampler of (epoch, index) keys for one rank, starting at a micro-batch."""
-
-    def __init__(self, n: int, micro_batch: int, rank: int, world: int, seed: int, start: int = 0):
-        self.n, self.mb, self.rank, self.world, self.seed = n, micro_batch, rank, world, seed
-        check_fits("training", n, micro_batch, world, partial=False)
-        self.batches_per_epoch = n // (micro_batch * world)
-        self.start = start
-        self._perm: Tuple[int, List[int]] = (-1, [])  # the last epoch's permutation
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
-        return torch.randperm(self.n, generator=g)
-
-    def batch(self, k: int) -> Tuple[int, List[int]]:
-        """(epoch, this rank's indices) of global micro-batch k. The DALI loader asks for batches
-        in this order too, on shards (dali_sources.ShardTrainSource)."""
-        e, b = divmod(k, self.batches_per_epoch)
-        if self._perm[0] != e:
-            self._perm = (e, self.permutation(e).tolist())
-        lo = (b * self.world + self.rank) * self.mb
-        return e, self._perm[1][lo:lo + self.mb]
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        k = self.start
-        while True:
-            epoch, indices = self.batch(k)
-            yield [(epoch, i) for i in indices]
-            k += 1
 
 
 M_MMAP_THRESHOLD = -3    # glibc's mallopt parameter number
@@ -210,15 +176,17 @@ class DeviceFeeder:
 
 
 class TorchTrainLoader(CountedPosition):
-    """Infinite iterator of (images float NCHW on device, labels int64 on device)."""
+    """Infinite iterator of (images float NCHW on device, labels int64 on device). Its position
+    is global (micro-batches of the whole run): any world size continues it."""
 
     kind = "torch"
 
-    def __init__(self, index: DataSplit, aug: AugConfig, seed: int, micro_batch: int,
+    def __init__(self, *, split: DataSplit, aug: AugConfig, seed: int, micro_batch: int,
                  rank: int, world: int, workers: int, device: torch.device, channels_last: bool,
                  dtype: torch.dtype = torch.float32):
-        self.dataset = TrainDataset(index, aug, seed)
-        self.sampler = EpochBatchSampler(len(index), micro_batch, rank, world, seed)
+        self.dataset = TrainDataset(split, aug, seed)
+        self.sampler = EpochBatchSampler(n=len(split), micro_batch=micro_batch, rank=rank,
+                                         world=world, seed=seed)
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.workers, self.device = workers, device
         self.feeder = DeviceFeeder(device, channels_last, dtype)
@@ -226,11 +194,6 @@ class TorchTrainLoader(CountedPosition):
         self.bad_files = 0         # decode failures replaced so far (this process)
         self._it: Optional[Iterator] = None
         self._next = None
-
-    def load_state_dict(self, state: dict) -> None:
-        if self._it is not None:
-            raise RuntimeError("load_state_dict must come before the first batch")
-        super().load_state_dict(state)  # the position is global: any world size continues it
 
     def _fetch(self):
         try:
@@ -259,17 +222,16 @@ class TorchTrainLoader(CountedPosition):
 
 
 class TorchEvalLoader:
-    """One pass over this rank's share (indices rank, rank + world, ...): no padding, no drops.
+    """One pass over this rank's share (loader.contiguous_share): no padding, no drops.
     Yields (images, labels, indices); labels are -1 where decoding failed."""
 
     kind = "torch"
 
-    def __init__(self, index: DataSplit, img_size: int, crop_pct: float, interpolation: str,
+    def __init__(self, *, split: DataSplit, img_size: int, crop_pct: float, interpolation: str,
                  batch_size: int, rank: int, world: int, workers: int, device: torch.device,
                  channels_last: bool):
-        check_fits("validation", len(index), batch_size, world, partial=True)
-        self.dataset = EvalDataset(index, img_size, crop_pct, interpolation)
-        self.indices = list(range(rank, len(index), world))
+        self.dataset = EvalDataset(split, img_size, crop_pct, interpolation)
+        self.indices = list(contiguous_share(len(split), rank, world))
         self.batch_size, self.workers, self.device = batch_size, workers, device
         self.feeder = DeviceFeeder(device, channels_last)
         self._dl: Optional[DataLoader] = None  # built once: persistent workers serve every pass
