@@ -1,8 +1,12 @@
 """The recipe schema, read before a run starts: one dataclass per YAML section, validated in
 `__post_init__`.
 
-Each key is documented in the recipe files (recipes/*.yaml) and in docs/recipes.md. Every value is
-consumed in exactly one place; `grep -rn "cfg.<section>.<key>" cspx` finds it.
+Each key is documented in the recipe files (recipes/*.yaml) and in docs/recipes.md. An `auto` or
+null value is resolved once, by cspx.resolve, and every stage reads the resolved config: no value
+is derived from a key anywhere else. A key takes effect in one module (data.loader, data.format
+and data.bad_shards in cspx.data.build; model.channels_last in cspx.placement and the loaders'
+batch layout; ...); others may only report it (--dry-run's plan, the validate.py command a run
+prints). `grep -rn "cfg.<section>.<key>" cspx` finds every reader.
 """
 from __future__ import annotations
 

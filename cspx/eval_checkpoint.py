@@ -11,7 +11,6 @@ import os
 from argparse import Namespace
 from typing import Any, Dict, List
 
-import torch
 from tqdm import tqdm
 
 from cspx import distributed, precision
@@ -22,7 +21,8 @@ from cspx.data.scan import read_exclude_file
 from cspx.errors import CspxError
 from cspx.eval_metrics import evaluate
 from cspx.files import atomic_write
-from cspx.models import eval_preset
+from cspx.models import eval_protocol
+from cspx.placement import place_model
 from cspx.resolve import resolve_loader
 from cspx.runlog import setup_console
 from cspx.weights import build_model_from_checkpoint
@@ -50,12 +50,11 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     if (info["num_classes"] or 1000) < split.num_classes:
         raise CspxError(f"{args.checkpoint}: has {info['num_classes']} classes but the data has "
                         f"{split.num_classes}; pass --classes to map folders to its label indices")
-    preset = eval_preset(info["model_name"])
-    img_size = args.img_size or preset.img_size
-    crop_pct = args.crop_pct or preset.crop_pct
-    interpolation = args.interpolation or preset.interpolation
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(env.device, memory_format=fmt).eval()
+    protocol = eval_protocol(info["model_name"], img_size=args.img_size, crop_pct=args.crop_pct,
+                             interpolation=args.interpolation)
+    img_size, crop_pct, interpolation = (protocol.img_size, protocol.crop_pct,
+                                         protocol.interpolation)
+    place_model(model, device=env.device, channels_last=args.channels_last)
     loader = build_eval_loader(kind, split, img_size, crop_pct, interpolation, args.batch_size,
                                env, args.workers, args.channels_last)
     rows: List[tuple] = []

@@ -31,6 +31,7 @@ from torch import nn
 from cspx.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, INTERP, eval_resize_size,
                                   eval_transform, load_rgb, mean_std, normalize_)
 from cspx.errors import CspxError
+from cspx.placement import place_model
 from cspx.weights import build_model_from_checkpoint
 
 FORMATS = ("onnx", "torchscript", "export")
@@ -61,8 +62,10 @@ def out_prefix(out: str) -> str:
 
 def load_model(checkpoint: str, model_name: Optional[str], ema: bool
                ) -> Tuple[nn.Module, str, Dict[str, Any]]:
-    """(model in eval mode on the CPU, architecture name, details for the JSON)."""
+    """(model in eval mode on the CPU in NCHW, the layout the exported files take; architecture
+    name; details for the JSON)."""
     model, info = build_model_from_checkpoint(checkpoint, model_name, ema)
+    place_model(model, device=torch.device("cpu"), channels_last=False)
     model.requires_grad_(False)
     return model, info["model_name"], {
         "num_classes": info["num_classes"] or 1000, "classes": info["classes"],

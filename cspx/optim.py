@@ -24,7 +24,8 @@ def lr_at(step: int, lr: float, steps: int, power: float = 4.0, burn_in: int = 1
 
 
 def lr_for(cfg: Config, step: int) -> float:
-    """The recipe's LR at `step`: the one reader of optim.lr, train.steps and sched.*."""
+    """The recipe's LR at `step`: the one place the schedule (optim.lr, train.steps, sched.*)
+    is computed; the loop, --dry-run's plan and cspx.resolve's burn-in warning all ask it."""
     return lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.sched.power, cfg.sched.burn_in)
 
 

@@ -2,18 +2,21 @@
 
 The config `resolve` returns is the single truth of a run: it is what the run prints, saves as
 config.yaml and checkpoints, and what every later stage reads. No resolved value travels beside
-it. Resolved here:
+it, and no other module computes one: the benchmarks resolve their configs here too (without a
+dataset, with the class count given). Resolved here:
   run.device          auto -> cuda or cpu (the device distributed.init picked for this rank)
   data.loader         auto -> dali where DALI imports and can use the device, else torch
   data.format         auto -> shards or folder: the format cspx.data.build found in data.root
   train.precision     auto -> bf16 / fp16 on GPUs, fp32 on CPUs (cspx.precision)
   model.num_classes   null -> the training set's class count
-  eval.img_size, eval.crop_pct, eval.interpolation   null -> the model's evaluation preset
+  eval.img_size, eval.crop_pct, eval.interpolation   null -> the model's evaluation protocol
+                      (cspx.models.eval_protocol)
+It also checks, once for the whole run, that the data suits the config (`check_fits`).
 """
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,7 +25,7 @@ from cspx.config import Config, micro_batch, with_updates
 from cspx.data.loader import DataSplit, check_fits
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
-from cspx.models import eval_preset
+from cspx.models import eval_protocol
 
 log = logging.getLogger("cspx")
 
@@ -42,25 +45,38 @@ def resolve_loader(pref: str, device: torch.device) -> str:
     return "torch"
 
 
-def resolve(cfg: Config, env: DistEnv, data: Tuple[DataSplit, DataSplit]) -> Config:
+def resolve(cfg: Config, env: DistEnv, data: Optional[Tuple[DataSplit, DataSplit]] = None, *,
+            num_classes: Optional[int] = None) -> Config:
     """The config with every auto/null value above filled in, after checking that the data
-    suits it (class count, at least one batch per rank)."""
-    train, val = data
-    num_classes = cfg.model.num_classes or train.num_classes
-    if num_classes < train.num_classes:
-        raise CspxError(f"model.num_classes: {num_classes} is less than the dataset's "
-                        f"{train.num_classes} classes")
-    preset = eval_preset(cfg.model.name)
+    suits it (class count, at least one batch per rank).
+
+    data: the run's (train, val) splits. Without them (a benchmark on generated batches) the
+    class count is model.num_classes, else `num_classes`; data.format stays as given, and no
+    split is checked."""
+    if data is not None:
+        train, val = data
+        classes = cfg.model.num_classes or train.num_classes
+        if classes < train.num_classes:
+            raise CspxError(f"model.num_classes: {classes} is less than the dataset's "
+                            f"{train.num_classes} classes")
+        fmt = train.format
+    elif cfg.model.num_classes or num_classes:
+        classes, fmt = cfg.model.num_classes or num_classes, cfg.data.format
+    else:
+        raise ValueError("resolve: without data, model.num_classes or num_classes must be given")
     e = cfg.eval
+    protocol = eval_protocol(cfg.model.name, img_size=e.img_size, crop_pct=e.crop_pct,
+                             interpolation=e.interpolation)
     cfg = with_updates(
         cfg, run={"device": env.device.type},
-        data={"loader": resolve_loader(cfg.data.loader, env.device), "format": train.format},
+        data={"loader": resolve_loader(cfg.data.loader, env.device), "format": fmt},
         train={"precision": precision.resolve(cfg.train.precision, env.device)},
-        model={"num_classes": num_classes},
-        eval={"img_size": e.img_size or preset.img_size, "crop_pct": e.crop_pct or preset.crop_pct,
-              "interpolation": e.interpolation or preset.interpolation})
-    check_fits("training", len(train), micro_batch(cfg, env.world), env.world, partial=False)
-    check_fits("validation", len(val), cfg.eval.batch_size, env.world, partial=True)
+        model={"num_classes": classes},
+        eval={"img_size": protocol.img_size, "crop_pct": protocol.crop_pct,
+              "interpolation": protocol.interpolation})
+    if data is not None:
+        check_fits("training", len(train), micro_batch(cfg, env.world), env.world, partial=False)
+        check_fits("validation", len(val), cfg.eval.batch_size, env.world, partial=True)
     t, s = cfg.train, cfg.sched
     if s.burn_in >= t.steps and env.is_main:
         from cspx.optim import lr_for

@@ -32,6 +32,7 @@ from cspx.ema import ModelEma
 from cspx.errors import CspxError
 from cspx.eval_metrics import evaluate
 from cspx.optim import lr_for, set_lr
+from cspx.placement import place_model
 from cspx.rng import RngState
 from cspx.runlog import MetricsLog
 from cspx.signals import Preemption
@@ -108,30 +109,30 @@ class Trainer:
 
     # ----- setup ------------------------------------------------------------------------------
     def wrap(self, compile_backend: str = "inductor") -> None:
-        """DistributedDataParallel, then torch.compile; self.model stays the plain module.
-
-        No buffer sync in the forward pass (`broadcast_buffers=False`, named
-        `forward_sync_buffers` since torch 2.14): DDP would otherwise broadcast rank 0's
-        BatchNorm statistics before every forward pass; cspx broadcasts them once before each
-        evaluation instead, which is the only place the ranks' statistics are used.
-        `compile_backend` other than inductor is for rehearsing the compile path on a CPU
-        (scripts/gpu_check.sh --rehearse: aot_eager traces and differentiates the model without
-        generating kernels)."""
-        m: nn.Module = self.model
-        if self.env.distributed:
-            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            ddp = nn.parallel.DistributedDataParallel
-            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
-                       inspect.signature(ddp).parameters else "broadcast_buffers")
-            m = ddp(m, device_ids=ids, gradient_as_bucket_view=True, **{no_sync: False})
-        if self.cfg.model.compile:
-            mode = self.cfg.model.compile_mode
-            m = (torch.compile(m, mode=mode) if compile_backend == "inductor" else
-                 torch.compile(m, backend=compile_backend))
-        self.forward_model = m
+        """DistributedDataParallel, then torch.compile (cspx.placement.place_model); self.model
+        stays the plain module. `compile_backend` other than inductor is for rehearsing the
+        compile path on a CPU (scripts/gpu_check.sh --rehearse: aot_eager traces and
+        differentiates the model without generating kernels)."""
+        m = self.cfg.model
+        self.forward_model = place_model(
+            self.model, device=self.env.device, channels_last=m.channels_last, compile=m.compile,
+            compile_mode=m.compile_mode, compile_backend=compile_backend,
+            wrap=self._ddp if self.env.distributed else None)
         # CUDA graphs (reduce-overhead) reuse their output buffers from one replay to the next:
         # each forward pass is marked as a new iteration, as this loop never keeps an output
         self._graphs = self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead"
+
+    def _ddp(self, module: nn.Module) -> nn.Module:
+        """DistributedDataParallel without a buffer sync in the forward pass
+        (`broadcast_buffers=False`, named `forward_sync_buffers` since torch 2.14): DDP would
+        otherwise broadcast rank 0's BatchNorm statistics before every forward pass; cspx
+        broadcasts them once before each evaluation instead, which is the only place the ranks'
+        statistics are used."""
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(ddp).parameters else "broadcast_buffers")
+        return ddp(module, device_ids=ids, gradient_as_bucket_view=True, **{no_sync: False})
 
     # ----- checkpoint -------------------------------------------------------------------------
     def restore(self, state: Dict[str, Any], *, same_world: bool = True,

@@ -27,6 +27,7 @@ from cspx.errors import CspxError
 from cspx.files import atomic_write, write_json
 from cspx.models import convert_sync_batchnorm, create_model
 from cspx.optim import build_sgd
+from cspx.placement import place_model
 from cspx.plan import describe_plan
 from cspx.resolve import resolve
 from cspx.rng import seed_all
@@ -139,15 +140,15 @@ def _write_run_files(run: RunDir, cfg: Config, prov: Dict[str, Any], env: DistEn
 
 
 def _place_model(cfg: Config, env: DistEnv, model: torch.nn.Module, fresh: bool):
-    """Initial weights (model.init_from, fresh runs only), SyncBN, device and memory format,
-    and the optimizer over the placed parameters."""
+    """Initial weights (model.init_from, fresh runs only), SyncBN, device and memory format
+    (cspx.placement; the trainer compiles it later), and the optimizer over the placed
+    parameters."""
     if fresh and cfg.model.init_from:
         info = load_into(model, cfg.model.init_from, drop_classifier_if_mismatch=True)
         log.info(f"initialised from {cfg.model.init_from} ({info})")
     if cfg.model.sync_bn and env.distributed:
         model = convert_sync_batchnorm(model)
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(env.device, memory_format=fmt)
+    place_model(model, device=env.device, channels_last=cfg.model.channels_last)
     return model, build_sgd(model, cfg.optim, env.device)
 
 

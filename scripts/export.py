@@ -93,7 +93,7 @@ def main(argv):
     args = parse(argv)
     from cspx import export as ex
     from cspx.files import atomic_write, check_writable
-    from cspx.models import eval_preset
+    from cspx.models import eval_protocol
     formats = ex.validate_args(args.format, args.img_size, args.crop_pct, args.interpolation)
     for p in args.image:
         if not os.path.isfile(p):
@@ -103,10 +103,10 @@ def main(argv):
     for path in [prefix + ex.SUFFIX[f] for f in formats] + [json_path]:
         check_writable(path, "--out", args.force, _written_by_export(json_path))
     model, name, details = ex.load_model(args.checkpoint, args.model, args.ema)
-    preset = eval_preset(name)
-    args.img_size = args.img_size or preset.img_size
-    args.crop_pct = args.crop_pct or preset.crop_pct
-    args.interpolation = args.interpolation or preset.interpolation
+    protocol = eval_protocol(name, img_size=args.img_size, crop_pct=args.crop_pct,
+                             interpolation=args.interpolation)
+    args.img_size, args.crop_pct, args.interpolation = (protocol.img_size, protocol.crop_pct,
+                                                        protocol.interpolation)
     folder = os.path.dirname(os.path.abspath(prefix))
     try:
         os.makedirs(folder, exist_ok=True)

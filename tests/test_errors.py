@@ -24,6 +24,8 @@ INTERNAL = {
                                        "not know: a programming error",
     ("cspx/precision.py", "ValueError"): "an unresolved config reached a consumer: a programming "
                                          "error (cspx.resolve runs first)",
+    ("cspx/resolve.py", "ValueError"): "resolve called with neither the data nor a class count: "
+                                       "a programming error",
     ("cspx/export.py", "RuntimeError"): "torch's exporter itself failed: a bug to report, with "
                                         "its traceback",
     ("cspx/data/loader.py", "RuntimeError"): "load_state_dict after the first batch: a "

@@ -15,14 +15,16 @@ pytestmark = pytest.mark.gpu
 
 def make(recipe_over, loader=None, steps=4, batch=32):
     """A trainer on a fixed batch shaped and typed as the run's loader would hand it over."""
-    from cspx.bench.steps import make_trainer, resolved, synthetic
+    from cspx.bench.steps import make_trainer, synthetic
     from cspx.config import load_config
+    from cspx.distributed import DistEnv
+    from cspx.resolve import resolve
     cfg = load_config("recipes/cspresnext50_ra.yaml",
                       ["run.device=cuda", f"train.steps={steps}", "sched.burn_in=1",
                        f"train.batch_size={batch}", "eval.every_steps=0", "run.tensorboard=false",
                        *recipe_over], check_paths=False)
     dev = torch.device("cuda", 0)
-    cfg = resolved(cfg, dev)
+    cfg = resolve(cfg, DistEnv(device=dev), num_classes=1000)
     torch.manual_seed(0)
     loader = loader or synthetic(cfg, dev)
     return make_trainer(cfg, dev, loader, tempfile.mkdtemp()), cfg

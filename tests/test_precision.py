@@ -24,16 +24,16 @@ def test_loader_dtype_table(name, device, dtype):
 def test_a_cpu_bf16_run_loads_float32(kind, small_imagenet, tmp_path):
     if kind == "dali":
         pytest.importorskip("nvidia.dali")
-    from cspx.bench.steps import resolved
     from cspx.config import load_config
     from cspx.data.build import build_train_loader
     from cspx.data.index import build_index
     from cspx.distributed import DistEnv
+    from cspx.resolve import resolve
     cfg = load_config("recipes/demo.yaml", ["train.precision=bf16", f"data.loader={kind}",
                                              "train.batch_size=4", "data.workers=0",
                                              "aug.img_size=32"], check_paths=False)
     cpu = torch.device("cpu")
-    cfg = resolved(cfg, cpu)
+    cfg = resolve(cfg, DistEnv(device=cpu), num_classes=1000)
     assert cfg.train.precision == "bf16"
     loader = build_train_loader(cfg, build_index(os.path.join(small_imagenet, "train")),
                                 DistEnv(device=cpu), str(tmp_path))

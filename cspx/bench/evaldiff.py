@@ -24,6 +24,7 @@ from torch import nn
 from cspx.data.index import build_index, read_classes_file
 from cspx.data.torch_loader import TorchEvalLoader
 from cspx.data.transforms import eval_resize_size
+from cspx.models import eval_protocol
 
 CPU = torch.device("cpu")
 
@@ -66,7 +67,8 @@ def _collect(batches, n: int) -> torch.Tensor:
     return torch.stack([out[k] for k in range(n)])
 
 
-def _naive(index, img_size: int, interpolation: str, batch: int, workers: int, lists: str):
+def _naive(index, img_size: int, crop_pct: float, interpolation: str, batch: int, workers: int,
+           lists: str):
     """The obvious DALI eval pipeline: DALI's resize_shorter and crop_pos 0.5 (docs/dali.md)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -79,7 +81,7 @@ def _naive(index, img_size: int, interpolation: str, batch: int, workers: int, l
                                            file_list=_file_list(lists, "val", index, True),
                                            random_shuffle=False, pad_last_batch=True)
         images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=eval_resize_size(img_size, 0.875),
+        images = fn.resize(images, resize_shorter=eval_resize_size(img_size, crop_pct),
                            interp_type=INTERP[interpolation], antialias=True)
         images = fn.crop_mirror_normalize(images, crop=(img_size, img_size), crop_pos_x=0.5,
                                           crop_pos_y=0.5, mean=MEAN_255, std=STD_255,
@@ -99,6 +101,7 @@ def evaldiff(args: Namespace) -> Tuple[List[Dict], Dict]:
     index = build_index(args.data, read_classes_file(classes) if os.path.isfile(classes) else None,
                         warn=False)
     n, size, workers = len(index), args.img_size, max(1, args.workers)
+    crop = eval_protocol(args.model, img_size=size).crop_pct  # the model's: 0.875 for CSP models
     ref: Dict[str, torch.Tensor] = {}
     rows = []
     with tempfile.TemporaryDirectory() as lists:
@@ -106,14 +109,14 @@ def evaldiff(args: Namespace) -> Tuple[List[Dict], Dict]:
                              ("cspx DALI eval, bicubic", "bicubic"),
                              ("naive DALI (resize_shorter, crop_pos 0.5), bilinear", "bilinear")):
             if interp not in ref:
-                ref[interp] = _collect(TorchEvalLoader(split=index, img_size=size, crop_pct=0.875,
+                ref[interp] = _collect(TorchEvalLoader(split=index, img_size=size, crop_pct=crop,
                                                        interpolation=interp, batch_size=args.batch,
                                                        rank=0, world=1, workers=0, device=CPU,
                                                        channels_last=False), n)
             if name.startswith("naive"):
-                got = _collect(_naive(index, size, interp, args.batch, workers, lists), n)
+                got = _collect(_naive(index, size, crop, interp, args.batch, workers, lists), n)
             else:
-                ld = DaliEvalLoader(split=index, img_size=size, crop_pct=0.875,
+                ld = DaliEvalLoader(split=index, img_size=size, crop_pct=crop,
                                     interpolation=interp, batch_size=args.batch, rank=0, world=1,
                                     workers=workers, device=CPU, channels_last=False,
                                     file_list_dir=lists)
@@ -121,7 +124,7 @@ def evaldiff(args: Namespace) -> Tuple[List[Dict], Dict]:
                 ld.close()
             rows.append(args.report.row({"pipeline": name, **_compare(ref[interp], got,
                                                                       args.rounds)}))
-    return rows, {"images": n, "img_size": size, "crop_pct": 0.875, "seeds": args.rounds}
+    return rows, {"images": n, "img_size": size, "crop_pct": crop, "seeds": args.rounds}
 
 
 def _compare(ref: torch.Tensor, got: torch.Tensor, seeds: int) -> Dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from cspx.data.loader import CountedPosition
+from cspx.placement import memory_format
 
 
 class FixedBatchLoader(CountedPosition):
@@ -29,8 +30,7 @@ class FixedBatchLoader(CountedPosition):
         num_classes, on `device` in the model's layout and `dtype`."""
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device, dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=memory_format(channels_last))
         y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
         return cls(images=x, labels=y)
 

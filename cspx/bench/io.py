@@ -12,13 +12,16 @@ import torch
 from cspx import precision
 from cspx.bench.common import alternate, median, seconds, sync
 from cspx.bench.fixed import FixedBatchLoader
-from cspx.bench.steps import SYNTHETIC_ONLY, bench_config, device_of, make_trainer
+from cspx.bench.steps import BENCH_CLASSES, SYNTHETIC_ONLY, bench_config, device_of, make_trainer
+from cspx.config import micro_batch
 from cspx.data.build import build_eval_loader, build_train_loader
 from cspx.data.index import build_index
+from cspx.data.loader import check_fits
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from cspx.eval_metrics import evaluate
-from cspx.models import create_model
+from cspx.models import create_model, eval_protocol
+from cspx.placement import place_model
 from cspx.resolve import resolve_loader
 
 
@@ -64,7 +67,7 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
     copies each batch into torch-owned memory (dali_loader's docstring); `dali-copy` and
     `dali-zerocopy` measure both choices."""
     device = device_of(args)
-    index = build_index(args.data, warn=False)
+    split = build_index(args.data, warn=False)
     env = DistEnv(device=device)
     bad = [v for v in args.loaders if v not in LOADER_VARIANTS]
     if bad:
@@ -80,9 +83,11 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
         for variant in args.loaders:
             kind, copy = LOADER_VARIANTS[variant]
             cfg = bench_config(args, f"data.loader={kind}")
+            # the check a run makes in cspx.resolve: one batch fits in --data
+            check_fits("training", len(split), micro_batch(cfg, 1), 1, partial=False)
 
             def make(cfg=cfg, copy=copy):
-                ld = build_train_loader(cfg, index, env, tmp)
+                ld = build_train_loader(cfg, split, env, tmp)
                 if copy is not None:
                     ld.copy_out = copy
                 return ld
@@ -90,7 +95,7 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
             runs[name] = _fresh_loader_runner(make, args.warmup, args.steps, args.batch, device)
             rows[name] = args.report.row({"loader": name})
         res = alternate(runs, args.rounds, update)
-    extra = {"images": len(index), "warmup_batches": args.warmup, "raw": res}
+    extra = {"images": len(split), "warmup_batches": args.warmup, "raw": res}
     dali = [k for k in res if k.startswith("dali")]
     if dali and "torch loader" in res:
         extra["dali_over_torch"] = median(res[dali[0]]) / median(res["torch loader"])
@@ -99,20 +104,24 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
 
 def validate(args: Namespace) -> Tuple[List[Dict], Dict]:
     """Evaluation throughput (decode + resize + crop + forward) per loader, set up as validate.py
-    runs it: its kernel settings (cuDNN autotuning on a GPU) and precision (fp32 unless
-    --precision names another)."""
+    runs it: its kernel settings (cuDNN autotuning on a GPU), the model's evaluation protocol at
+    --img-size (cspx.models.eval_protocol) and precision (fp32 unless --precision names
+    another)."""
     device = device_of(args)
-    index = build_index(args.data, warn=False)
+    split = build_index(args.data, warn=False)
     env = DistEnv(device=device)
     precision.configure_backends(device, tf32=False)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = create_model(args.model, num_classes=1000).to(device, memory_format=fmt).eval()
+    model = create_model(args.model, num_classes=BENCH_CLASSES)
+    place_model(model, device=device, channels_last=args.channels_last)
+    model.eval()
+    protocol = eval_protocol(args.model, img_size=args.img_size)
     amp = "fp32" if args.precision == "auto" else args.precision
     rows = []
     for kind in args.loaders:
         kind = resolve_loader(kind, device)
-        ld = build_eval_loader(kind, index, args.img_size, 0.875, "bilinear", args.batch, env,
-                               args.workers, args.channels_last)
+        ld = build_eval_loader(kind, split, protocol.img_size, protocol.crop_pct,
+                               protocol.interpolation, args.batch, env, args.workers,
+                               args.channels_last)
         evaluate(model, ld, env, amp)  # warm-up pass
         r = [evaluate(model, ld, env, amp) for _ in range(args.rounds)]
         ld.close()

@@ -28,14 +28,16 @@ from cspx.bench.common import alternate, median, peak_kind, peak_mib, reset_peak
 from cspx.bench.fixed import FixedBatchLoader
 from cspx.bench.flops import conv_outputs, forward_flops
 from cspx.checkpoint import Checkpointer
-from cspx.config import Config, load_config, with_updates
+from cspx.config import Config, load_config, micro_batch
 from cspx.data.build import build_train_loader
 from cspx.data.index import build_index
+from cspx.data.loader import check_fits
 from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, INTERP, RA_BINS, ra_magnitude_bin
 from cspx.distributed import DistEnv
 from cspx.models import create_model
 from cspx.optim import build_sgd, lr_for, set_lr
-from cspx.resolve import resolve_loader
+from cspx.placement import memory_format, place_model
+from cspx.resolve import resolve
 from cspx.runlog import MetricsLog
 from cspx.train_loop import Trainer
 
@@ -43,17 +45,19 @@ from cspx.train_loop import Trainer
 QUIET = ["eval.every_steps=0", "checkpoint.every_steps=0", "run.tensorboard=false",
          "train.steps=1000000", "sched.burn_in=0"]
 EAGER = "eager"  # --compile-modes name for no torch.compile
+BENCH_CLASSES = 1000  # ImageNet's: the classifier a benchmark's model has
 Runner = Callable[[int], float]  # runner(n): seconds per step over n steps
 
 
 def bench_config(args: Namespace, *extra: str) -> Config:
-    """The recipe with the benchmark's settings, its auto values resolved as a run would (the
-    benchmark has no dataset to resolve the class count from: 1000)."""
+    """The recipe with the benchmark's settings, resolved by cspx.resolve as a run's is (the
+    benchmark has no dataset to take the class count from: model.num_classes, else 1000)."""
     over = [f"model.name={args.model}", f"train.batch_size={args.batch}",
             f"aug.img_size={args.img_size}", f"train.precision={args.precision}",
             f"model.channels_last={str(args.channels_last).lower()}",
             f"data.workers={args.workers}", *QUIET, *args.set, *extra]
-    return resolved(load_config(args.recipe, over, check_paths=False), device_of(args))
+    return resolve(load_config(args.recipe, over, check_paths=False),
+                   DistEnv(device=device_of(args)), num_classes=BENCH_CLASSES)
 
 
 def compile_keys(mode: str) -> List[str]:
@@ -61,13 +65,6 @@ def compile_keys(mode: str) -> List[str]:
     if mode == EAGER:
         return ["model.compile=false"]
     return ["model.compile=true", f"model.compile_mode={mode}"]
-
-
-def resolved(cfg: Config, device: torch.device) -> Config:
-    """cspx.resolve's device, loader and precision for a run without a dataset (1000 classes)."""
-    return with_updates(cfg, run={"device": device.type}, model={"num_classes": 1000},
-                        data={"loader": resolve_loader(cfg.data.loader, device)},
-                        train={"precision": precision.resolve(cfg.train.precision, device)})
 
 
 def device_of(args: Namespace) -> torch.device:
@@ -94,8 +91,8 @@ def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str,
     """The real Trainer on `loader` (a bench_config), writing nothing but into `work_dir`."""
     precision.configure_backends(device, deterministic=cfg.train.deterministic)
     torch.manual_seed(cfg.seed)
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = create_model(cfg.model.name, num_classes=1000).to(device, memory_format=fmt)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+    place_model(model, device=device, channels_last=cfg.model.channels_last)
     opt = build_sgd(model, cfg.optim, device)
     env = DistEnv(device=device)
     t = Trainer(cfg=cfg, env=env, model=model, optimizer=opt, train_loader=loader,
@@ -130,9 +127,10 @@ class BareLoop:
     def __init__(self, cfg: Config, device: torch.device):
         torch.manual_seed(cfg.seed)
         self.cfg, self.device, self.step = cfg, device, 0
-        self.fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.model = create_model(cfg.model.name, num_classes=1000).to(
-            device, memory_format=self.fmt).train()
+        self.fmt = memory_format(cfg.model.channels_last)  # the batches', as the model's
+        self.model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+        place_model(self.model, device=device, channels_last=cfg.model.channels_last)
+        self.model.train()
         self.opt = build_sgd(self.model, cfg.optim, device)
         self.precision = precision.of(cfg)
         self.scaler = torch.amp.GradScaler(device.type,
@@ -232,7 +230,7 @@ def train(args: Namespace) -> Tuple[List[Dict], Dict]:
     """Full training steps with the real loader vs synthetic data (the same trainer, model and
     compiled code) vs the plain-PyTorch baseline, per batch size and compile mode."""
     device = device_of(args)
-    index = build_index(args.data, warn=False)
+    split = build_index(args.data, warn=False)
     flops: Dict = {}
     out: List[Dict] = []
     for batch in args.batch_sizes:
@@ -244,7 +242,9 @@ def train(args: Namespace) -> Tuple[List[Dict], Dict]:
             try:
                 for mode in args.compile_modes:
                     cfg = bench_config(a, f"data.loader={args.loader}", *compile_keys(mode))
-                    real = build_train_loader(cfg, index, DistEnv(device=device), tmp)
+                    # the check a run makes in cspx.resolve: one batch fits in --data
+                    check_fits("training", len(split), micro_batch(cfg, 1), 1, partial=False)
+                    real = build_train_loader(cfg, split, DistEnv(device=device), tmp)
                     loaders.append(real)
                     t = make_trainer(cfg, device, real, tmp, args.compile_backend)
                     flop = _flops_per_image(t.model, args.img_size, flops)

@@ -31,6 +31,7 @@ from cspx.data.loader import CountedPosition, DataSplit, EpochBatchSampler, cont
 from cspx.data.transforms import (TrainTransform, decode_rgb, eval_transform, mean_std,
                                   normalize_, sample_seed, seeded)
 from cspx.errors import CspxError
+from cspx.placement import memory_format
 
 log = logging.getLogger("cspx")
 MAX_REPLACEMENTS = 16
@@ -150,7 +151,7 @@ class DeviceFeeder:
     def __init__(self, device: torch.device, channels_last: bool,
                  dtype: torch.dtype = torch.float32):
         self.device, self.dtype = device, dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
         self.mean, self.std = mean_std(device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 

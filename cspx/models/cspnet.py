@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -296,6 +296,23 @@ def model_config(name: str) -> CspConfig:
 def eval_preset(name: str) -> EvalPreset:
     """The default evaluation protocol of model `name`."""
     return model_config(name).eval_preset
+
+
+def eval_protocol(model_name: str, *, img_size: Optional[int] = None,
+                  crop_pct: Optional[float] = None,
+                  interpolation: Optional[str] = None) -> EvalPreset:
+    """How a model, or a checkpoint of it, is evaluated: `model_name`'s preset (eval_preset),
+    with each value given (not None) in its place. For a checkpoint, `model_name` is the
+    architecture it records (weights.build_model_from_checkpoint's info["model_name"]).
+
+    The one place an evaluation protocol is filled in: cspx.resolve (a recipe's eval.*),
+    validate.py and export.py (their flags), predict, and the benchmarks. Values are not checked
+    here: the recipe schema and the command lines check what they accept."""
+    preset = eval_preset(model_name)
+    return EvalPreset(img_size=preset.img_size if img_size is None else img_size,
+                      crop_pct=preset.crop_pct if crop_pct is None else crop_pct,
+                      interpolation=preset.interpolation if interpolation is None
+                      else interpolation)
 
 
 _MODEL_ARGS = ("in_chans", "drop_rate")
