@@ -52,11 +52,11 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
                         f"{split.num_classes}; pass --classes to map folders to its label indices")
     protocol = eval_protocol(info["model_name"], img_size=args.img_size, crop_pct=args.crop_pct,
                              interpolation=args.interpolation)
-    img_size, crop_pct, interpolation = (protocol.img_size, protocol.crop_pct,
-                                         protocol.interpolation)
     place_model(model, device=env.device, channels_last=args.channels_last)
-    loader = build_eval_loader(kind, split, img_size, crop_pct, interpolation, args.batch_size,
-                               env, args.workers, args.channels_last)
+    loader = build_eval_loader(kind=kind, split=split, img_size=protocol.img_size,
+                               crop_pct=protocol.crop_pct, interpolation=protocol.interpolation,
+                               batch_size=args.batch_size, env=env, workers=args.workers,
+                               channels_last=args.channels_last)
     rows: List[tuple] = []
 
     def keep(indices, labels, top_idx, top_prob):
@@ -72,8 +72,9 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
               "images_per_sec": r["count"] / max(r["seconds"], 1e-9), "failed": r["failed"],
               "excluded": len(split.excluded),
               "settings": {"checkpoint": os.path.abspath(args.checkpoint), "model": info["model_name"],
-                           "data_dir": os.path.abspath(split_dir), "img_size": img_size,
-                           "crop_pct": crop_pct, "interpolation": interpolation,
+                           "data_dir": os.path.abspath(split_dir),
+                           "img_size": protocol.img_size, "crop_pct": protocol.crop_pct,
+                           "interpolation": protocol.interpolation,
                            "batch_size": args.batch_size, "workers": args.workers,
                            "device": str(env.device), "world_size": env.world,
                            "precision": args.precision, "channels_last": args.channels_last,
@@ -82,7 +83,8 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     if args.predictions:
         all_rows = distributed.all_gather_objects(rows, env)
         if env.is_main:
-            _write_predictions(args.predictions, split, sorted(x for part in all_rows for x in part))
+            _write_predictions(args.predictions, split,
+                               sorted(x for part in all_rows for x in part))
     if env.is_main:
         print(f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  loss {result['loss']:.4f}  "
               f"images {result['count']}  {result['images_per_sec']:.1f} img/s"

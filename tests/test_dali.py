@@ -180,7 +180,8 @@ def test_eval_counts_exact_across_batches_shards_and_passes(env, index):
 
     big = DaliEvalLoader(split=index, img_size=32, crop_pct=0.875, interpolation="bilinear",
                          batch_size=128, rank=0, world=1, workers=1, device=CPU,
-                         channels_last=False, file_list_dir=lists)  # one batch larger than the whole set
+                         channels_last=False,
+                         file_list_dir=lists)  # one batch larger than the whole set
     assert len(big) == 1 and [len(i) for _, _, i in big] == [105]
     big.close()
 

@@ -173,7 +173,8 @@ def test_dali_eval_same_pixels_as_folder_and_pil_bounds(env, folder, split):
     max |d| < 2.5 grey levels)."""
     ref, ref_labels = collect(TorchEvalLoader(split=folder, img_size=224, crop_pct=0.875,
                                               interpolation="bilinear", batch_size=35, rank=0,
-                                              world=1, workers=0, device=CPU, channels_last=False), 105)
+                                              world=1, workers=0, device=CPU,
+                                              channels_last=False), 105)
     runs = []
     for index in (folder, split):
         loader = DaliEvalLoader(split=index, img_size=224, crop_pct=0.875, interpolation="bilinear",

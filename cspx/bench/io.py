@@ -119,9 +119,10 @@ def validate(args: Namespace) -> Tuple[List[Dict], Dict]:
     rows = []
     for kind in args.loaders:
         kind = resolve_loader(kind, device)
-        ld = build_eval_loader(kind, split, protocol.img_size, protocol.crop_pct,
-                               protocol.interpolation, args.batch, env, args.workers,
-                               args.channels_last)
+        ld = build_eval_loader(kind=kind, split=split, img_size=protocol.img_size,
+                               crop_pct=protocol.crop_pct, interpolation=protocol.interpolation,
+                               batch_size=args.batch, env=env, workers=args.workers,
+                               channels_last=args.channels_last)
         evaluate(model, ld, env, amp)  # warm-up pass
         r = [evaluate(model, ld, env, amp) for _ in range(args.rounds)]
         ld.close()

@@ -138,7 +138,7 @@ def build_train_loader(cfg: Config, split: DataSplit, env: DistEnv, work_dir: st
     return TorchTrainLoader(**common)
 
 
-def build_eval_loader(kind: str, split: DataSplit, img_size: int, crop_pct: float,
+def build_eval_loader(*, kind: str, split: DataSplit, img_size: int, crop_pct: float,
                       interpolation: str, batch_size: int, env: DistEnv, workers: int,
                       channels_last: bool, file_list_dir: str = "") -> EvalLoader:
     """An evaluation loader of `kind` ('torch' or 'dali'); float32 images (the model's autocast
@@ -155,6 +155,7 @@ def build_eval_loader(kind: str, split: DataSplit, img_size: int, crop_pct: floa
 def eval_loader_for(cfg: Config, split: DataSplit, env: DistEnv, work_dir: str) -> EvalLoader:
     """The evaluation loader of a training run (its eval section, its data.loader)."""
     e = cfg.eval
-    return build_eval_loader(cfg.data.loader, split, e.img_size, e.crop_pct, e.interpolation,
-                             e.batch_size, env, cfg.data.workers, cfg.model.channels_last,
-                             work_dir)
+    return build_eval_loader(kind=cfg.data.loader, split=split, img_size=e.img_size,
+                             crop_pct=e.crop_pct, interpolation=e.interpolation,
+                             batch_size=e.batch_size, env=env, workers=cfg.data.workers,
+                             channels_last=cfg.model.channels_last, file_list_dir=work_dir)
