@@ -107,12 +107,12 @@ class Checkpointer:
                                             name="cspx-checkpoint", daemon=False)
             self._thread.start()
         else:
-            self.files.write(state, path, best)
+            self.files.write(state, path, best=best)
         return path
 
     def _write_guarded(self, state: Dict[str, Any], path: str, best: bool) -> None:
         try:
-            self.files.write(state, path, best)
+            self.files.write(state, path, best=best)
         except BaseException as e:
             self._error = e
 

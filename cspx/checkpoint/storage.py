@@ -88,7 +88,7 @@ class CheckpointFiles:
         return [(int(m.group(1)), os.path.join(self.dir, n))
                 for n in names for m in [STEP_RE.match(n)] if m]
 
-    def write(self, state: Dict[str, Any], path: str, best: bool) -> None:
+    def write(self, state: Dict[str, Any], path: str, *, best: bool) -> None:
         """Write `state` to `path` atomically, point last.pt (and with `best`, best.pt) at it,
         and prune this run's older step files. Any OSError is one CspxError naming the file."""
         try:
