@@ -32,10 +32,16 @@ class RunConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda:LOCAL_RANK if CUDA is usable
     log_every_steps: int = 100         # optimizer steps between loss reads (the only host syncs)
     tensorboard: bool = True
+    # seconds without progress (a training step, an evaluation batch, a start-up phase's report)
+    # after which the run writes every thread's stack to train.log and exits with status 3
+    # (cspx.watchdog); 0 disables
+    stall_timeout: float = 1800.0
 
     def __post_init__(self):
         _check(bool(self.dir), "dir", "must not be empty")
         _check(self.log_every_steps > 0, "log_every_steps", f"must be > 0, got {self.log_every_steps}")
+        _check(self.stall_timeout == 0 or self.stall_timeout >= 1, "stall_timeout",
+               f"must be 0 (off) or >= 1 second, got {self.stall_timeout}")
 
 
 @dataclass(frozen=True)

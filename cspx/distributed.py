@@ -10,12 +10,15 @@ import datetime
 import itertools
 import logging
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from cspx import watchdog
 from cspx.errors import CspxError
 
 _CPU_GROUP: Optional[Any] = None  # gloo group for host-side flags, made by init()
@@ -68,13 +71,56 @@ def init(device_pref: str = "auto", timeout_min: float = 30.0) -> DistEnv:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **kw)
+        timeout = datetime.timedelta(minutes=timeout_min)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        store = dist.PrefixStore(f"cspx/{_join_attempt(store, rank, world, timeout)}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout, **kw)
         global _CPU_GROUP
         # small host-side flags get their own gloo group: with NCCL as the main backend a CPU
         # collective does not touch the CUDA stream, and with gloo it does not interleave with
         # DDP's gradient all-reduces
         _CPU_GROUP = dist.new_group(backend="gloo")
     return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def _join_attempt(store: Any, rank: int, world: int, timeout: datetime.timedelta) -> str:
+    """A key prefix of this launch attempt's own, agreed on by all its ranks through `store`.
+
+    torchrun's c10d rendezvous hands every attempt's ranks the same store: the agent's, which
+    outlives them and keeps what an earlier attempt wrote there. A restarted attempt (after a
+    rank died, under --max-restarts) would otherwise read its predecessors' keys: the process
+    group's gloo or NCCL addresses, which point at dead processes (the restarted ranks fail to
+    connect or wait), and main_first's results. torchrun's restart count cannot name the
+    attempt: each node's agent counts its own restarts. So rank 0 draws a fresh id and
+    publishes it; every other rank answers it with a nonce of its own, and proceeds once rank 0
+    has confirmed exactly its nonce. A stale id (an earlier attempt's, whose rank 0 is gone) is
+    never confirmed for a new nonce, so a rank that read one waits until this attempt's rank 0
+    replaces it. The cost on a fresh start: one exchange through the store."""
+    if rank == 0:
+        attempt = uuid.uuid4().hex
+        store.set("cspx/attempt", attempt)
+        keys = [f"cspx/{attempt}/join/{r}" for r in range(1, world)]
+        store.wait(keys, timeout)
+        store.set(f"cspx/{attempt}/go", ",".join(store.get(k).decode() for k in keys))
+        return attempt
+    nonce, attempt = uuid.uuid4().hex, ""
+    deadline = time.monotonic() + timeout.total_seconds()
+    store.wait(["cspx/attempt"], timeout)
+    while time.monotonic() < deadline:
+        now = store.get("cspx/attempt").decode()
+        if now != attempt:
+            attempt = now
+            store.set(f"cspx/{attempt}/join/{rank}", nonce)
+        go = f"cspx/{attempt}/go"
+        if store.check([go]):
+            confirmed = store.get(go).decode().split(",")
+            if len(confirmed) >= rank and confirmed[rank - 1] == nonce:
+                return attempt
+        time.sleep(0.05)
+    raise CspxError(f"rank {rank}: rank 0 of this launch did not start within "
+                    f"{timeout.total_seconds():.0f} s")
 
 
 def barrier(env: DistEnv) -> None:
@@ -147,10 +193,12 @@ class StopVote:
 def main_first(fn: Callable[[], T], env: DistEnv, what: str) -> T:
     """Run `fn` on rank 0 while the other ranks wait, then give them its result (pickled).
 
-    The others wait on the process group's key-value store, in one-minute polls with no overall
+    The others wait on the process group's key-value store, in short polls with no overall
     limit, not in a collective: a collective would fail after the group's 30-minute timeout,
-    and indexing 1.28M files on a cold network filesystem can take longer. If rank 0 fails,
-    every rank stops with its message."""
+    and indexing 1.28M files on a cold network filesystem can take longer. Each poll reports
+    progress to the stall watchdog (rank 0 reports its own, and its watchdog ends a stalled
+    rank 0, after which torchrun stops the others). If rank 0 fails, every rank stops with its
+    message; if the store itself is gone (the agent that serves it died), the wait ends."""
     if not env.distributed:
         return fn()
     store = dist.distributed_c10d._get_default_store()
@@ -163,16 +211,17 @@ def main_first(fn: Callable[[], T], env: DistEnv, what: str) -> T:
             raise
         store.set(key, "ok")
     else:
-        waited = 0
+        start = last_note = time.monotonic()
         while True:
             try:
-                store.wait([key], datetime.timedelta(seconds=60))
+                store.wait([key], datetime.timedelta(seconds=watchdog.beat_every()))
                 break
-            except RuntimeError:  # DistStoreError on timeout: keep waiting, say so now and then
-                waited += 1
-                if waited % 10 == 0:
+            except dist.DistStoreError:  # a timeout (not DistNetworkError): keep waiting
+                watchdog.progress(f"waiting for rank 0 ({what})")
+                if time.monotonic() - last_note >= 600:  # say so every 10 minutes
+                    last_note = time.monotonic()
                     log.warning(f"rank {env.rank}: still waiting for rank 0 ({what}, "
-                                f"{waited} min)")
+                                f"{(last_note - start) / 60:.0f} min)")
         status = store.get(key).decode()
         if status != "ok":
             raise CspxError(f"rank 0 stopped while {what}: {status[len('failed: '):]}")

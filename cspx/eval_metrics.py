@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cspx import precision
+from cspx import precision, watchdog
 from cspx.data.loader import EvalLoader
 from cspx.distributed import DistEnv, all_reduce_sum
 
@@ -38,7 +38,7 @@ def evaluate(model: nn.Module, loader: EvalLoader, env: DistEnv, precision_name:
     count = torch.zeros((), dtype=torch.int64, device=device)
     failed = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    start = time.perf_counter()
+    start, batches = time.perf_counter(), 0
     for images, labels, indices in loader:
         with precision.autocast(precision_name, device):
             logits = model(images)
@@ -59,6 +59,8 @@ def evaluate(model: nn.Module, loader: EvalLoader, env: DistEnv, precision_name:
             on_batch(indices.cpu(), labels.cpu(), top.indices.cpu(), probs.cpu())
         if progress is not None:
             progress.update(int(images.shape[0]))
+        batches += 1
+        watchdog.progress("evaluation batch", batches)
     # the only host syncs of an evaluation: one per pass, not per batch
     ints = all_reduce_sum(torch.stack([correct1, correct5, count, failed]), env).tolist()
     loss_total = all_reduce_sum(loss_sum, env).tolist()

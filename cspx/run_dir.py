@@ -9,7 +9,9 @@ and where each file of a run goes.
   LOCK for the whole run. The kernel drops the lock when the process exits, however it exits
   (kill -9 included), so a lock is never stale; the other ranks of the same job never take it,
   so they never block each other. A second job fails at once with one line naming the holder.
-  On NFS, Linux maps flock to NFS byte-range locks, which hold across hosts.
+  On NFS, Linux maps flock to NFS byte-range locks, which hold across hosts. A flock belongs to
+  the open file, which a fork shares: a forked child (a DataLoader worker) closes its copy at
+  once, so the lock dies with the holder itself, not with the last of its orphaned workers.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Set
 
 from cspx.errors import CspxError
 from cspx.files import claim_folder, read_marker
@@ -75,11 +77,30 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self._fd = fd
+        _held.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _held.discard(self._fd)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+_held: Set[int] = set()  # lock descriptors this process holds
+
+
+def _close_in_child() -> None:
+    """After a fork, in the child: close the inherited lock descriptors (module doc)."""
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _describe(raw: bytes) -> str:

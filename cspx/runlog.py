@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -124,6 +125,21 @@ def attach_log_file(path: str) -> None:
     logger.addHandler(fh)
 
 
+def finite_json(values: Dict[str, Any]) -> Dict[str, Any]:
+    """`values` with each non-finite float replaced by None, plus `nonfinite`: {key: "nan",
+    "inf" or "-inf"} when there was any."""
+    out: Dict[str, Any] = {}
+    bad: Dict[str, str] = {}
+    for k, v in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[k] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            v = None
+        out[k] = v
+    if bad:
+        out["nonfinite"] = bad
+    return out
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per event, with step and wall time) and TensorBoard."""
 
@@ -158,10 +174,13 @@ class MetricsLog:
         atomic_write(self.path, "".join(kept))
 
     def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
+        """One line of strict JSON: a non-finite value is written as null, and the record's
+        `nonfinite` field says what it was ({"loss": "nan"}), since NaN and Infinity are not
+        JSON and strict parsers reject them. TensorBoard gets the value as it is."""
         if not self.enabled:
             return
-        rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self._f.write(json.dumps(rec) + "\n")
+        rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **finite_json(values)}
+        self._f.write(json.dumps(rec, allow_nan=False) + "\n")
         self._f.flush()
         if self.tb is not None:
             for k, v in values.items():

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cspx import precision
+from cspx import precision, watchdog
 from cspx.checkpoint import Checkpointer
 from cspx.config import Config
 from cspx.data.loader import EvalLoader, TrainLoader
@@ -213,6 +213,7 @@ class Trainer:
         self._window = (time.perf_counter(), p.images)
         while p.step < until:
             self.train_step()
+            watchdog.progress("training step", p.step)
             bar.update(1)
             step = p.step
             if step % cfg.run.log_every_steps == 0 or step == total:

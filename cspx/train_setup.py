@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from cspx import configio, distributed, precision
+from cspx import configio, distributed, precision, watchdog
 from cspx.checkpoint import Checkpointer
 from cspx.config import Config, micro_batch
 from cspx.data.build import build_splits, build_train_loader, classes_file, eval_loader_for
@@ -42,6 +42,9 @@ log = logging.getLogger("cspx")
 def train(cfg: Config, resume: Optional[str] = None, force: bool = False, dry_run: bool = False,
           verbose: bool = False) -> int:
     env = distributed.init(cfg.run.device)
+    # from here to the end: the stall watchdog (run.stall_timeout) and, under torchrun, the end
+    # of a rank whose agent died (cspx.watchdog)
+    watchdog.start(cfg.run.stall_timeout, env.rank, env.world, cover_compile=cfg.model.compile)
     try:
         with ExitStack() as stack:
             return _run(cfg, env, resume, force, dry_run, verbose, stack)
@@ -51,6 +54,7 @@ def train(cfg: Config, resume: Optional[str] = None, force: bool = False, dry_ru
                         f"to halve the images per forward pass at the same batch") from None
     finally:
         distributed.destroy()
+        watchdog.stop()
 
 
 def _run(cfg: Config, env: DistEnv, resume: Optional[str], force: bool, dry_run: bool,

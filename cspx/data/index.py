@@ -24,6 +24,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cspx import watchdog
 from cspx.data import scan
 from cspx.data.loader import listing_hash
 from cspx.errors import CspxError
@@ -124,6 +125,7 @@ def resolve_split_dir(path: str, split: str) -> str:
 def _list_files(root: str, wnids: Sequence[str]) -> List[str]:
     files: List[str] = []
     for w in wnids:
+        watchdog.progress("listing data.root's class folders")
         with os.scandir(os.path.join(root, w)) as it:
             names = sorted(e.name for e in it
                            if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
@@ -166,6 +168,7 @@ class _Progress:
 
     def __call__(self, n: int) -> None:
         self.done += n
+        watchdog.progress(self.what)
         if time.monotonic() - self.last >= self.every:
             self.last = time.monotonic()
             log.info(f"{self.what}: {self.done:,} of {self.total:,} files checked")

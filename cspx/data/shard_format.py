@@ -41,6 +41,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from cspx import watchdog
 from cspx.errors import CspxError
 
 FORMAT = "cspx-shards"
@@ -170,8 +171,11 @@ def failing_shards(root: str, split: str, manifest: Manifest) -> Dict[str, str]:
     Threads: on network storage the check is latency-bound (6 operations per shard)."""
     split_dir = os.path.join(root, split)
     shards = manifest.splits[split].shards
+    reasons = []
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
-        reasons = list(pool.map(lambda s: check_shard(split_dir, s, manifest.quick_bytes), shards))
+        for r in pool.map(lambda s: check_shard(split_dir, s, manifest.quick_bytes), shards):
+            reasons.append(r)
+            watchdog.progress(f"checking the {split} shards")
     return {f"{split}/{s.name}.tar": r for s, r in zip(shards, reasons) if r is not None}
 
 

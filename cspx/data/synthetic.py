@@ -16,6 +16,7 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cspx import watchdog
 from cspx.errors import CspxError
 from cspx.files import pid_alive
 
@@ -149,6 +150,7 @@ def _write_set(folder: str, num_classes: int, train_per_class: int, val_per_clas
     names = [f"s{k:02d}_{SHAPES[k]}" for k in range(num_classes)]
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for k, name in enumerate(names):
+            watchdog.progress("generating the synthetic dataset")
             sub = os.path.join(folder, split, name)
             os.makedirs(sub)
             for i in range(per_class):
