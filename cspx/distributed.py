@@ -103,7 +103,8 @@ def _join_attempt(store: Any, rank: int, world: int, timeout: datetime.timedelta
         store.set("cspx/attempt", attempt)
         keys = [f"cspx/{attempt}/join/{r}" for r in range(1, world)]
         store.wait(keys, timeout)
-        store.set(f"cspx/{attempt}/go", ",".join(store.get(k).decode() for k in keys))
+        nonces = store.multi_get(keys) if hasattr(store, "multi_get") else map(store.get, keys)
+        store.set(f"cspx/{attempt}/go", ",".join(n.decode() for n in nonces))
         return attempt
     nonce, attempt = uuid.uuid4().hex, ""
     deadline = time.monotonic() + timeout.total_seconds()
@@ -114,11 +115,14 @@ def _join_attempt(store: Any, rank: int, world: int, timeout: datetime.timedelta
             attempt = now
             store.set(f"cspx/{attempt}/join/{rank}", nonce)
         go = f"cspx/{attempt}/go"
-        if store.check([go]):
-            confirmed = store.get(go).decode().split(",")
-            if len(confirmed) >= rank and confirmed[rank - 1] == nonce:
-                return attempt
-        time.sleep(0.05)
+        try:  # waiting in the store, not polling it: thousands of ranks may wait at once
+            store.wait([go], datetime.timedelta(seconds=1))
+        except dist.DistStoreError:  # not confirmed yet; the id may be an earlier attempt's
+            continue
+        confirmed = store.get(go).decode().split(",")
+        if len(confirmed) >= rank and confirmed[rank - 1] == nonce:
+            return attempt
+        time.sleep(0.5)  # an earlier attempt's confirmation: wait for this attempt's id
     raise CspxError(f"rank {rank}: rank 0 of this launch did not start within "
                     f"{timeout.total_seconds():.0f} s")
 
