@@ -79,6 +79,8 @@ def test_overrides_are_yaml_scalars(recipe):
     ("train: {precision: fp8}", "train.precision: expected 'fp32' or 'bf16' or 'fp16' or 'auto'"),
     ("optim: {lr: 0}", "optim.lr: must be > 0, got 0.0"),
     ("optim: {momentum: 1.0}", "optim.momentum: must be in [0, 1), got 1.0"),
+    ("run: {stall_timeout: 0.5}", "run.stall_timeout: must be 0 (off) or >= 1 second, got 0.5"),
+    ("run: {stall_timeout: -1}", "run.stall_timeout: must be 0 (off) or >= 1 second, got -1.0"),
     ("eval: {crop_pct: 1.5}", "eval.crop_pct: must be in (0, 1], got 1.5"),
     ("train: {steps: 0}", "train.steps: must be > 0, got 0"),
     ("train: {batch_size: 128, accum_steps: 3}", "train.batch_size: 128 is not divisible by train.accum_steps=3"),

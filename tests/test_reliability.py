@@ -9,15 +9,13 @@ import math
 import os
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
-from test_distributed import TORCHRUN, _start, _wait_checkpoint, _worker_pids, recipe
+from test_distributed import _start, _wait_checkpoint, _worker_pids, recipe, torchrun
 from test_resume import assert_same_tensors, load, steps_saved
 
 
@@ -158,20 +156,16 @@ def _lock_free(run_dir):
         os.close(fd)
 
 
-def _torchrun_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
+@pytest.mark.slow
 def test_dead_agent_then_dead_rank_under_restarts(demo_data, tmp_path):
     """The agent SIGKILLed: every rank and data worker exits within 10 s and the lock is free.
     The resubmitted job (--max-restarts=1 --resume auto) starts at once; rank 0 SIGKILLed in
     it, torchrun restarts both ranks, and the run ends with every checkpoint tensor equal to an
     uninterrupted run's."""
     common = ["train.steps=40", "eval.every_steps=0", "checkpoint.every_steps=3",
-              "data.workers=1"]
+              "data.workers=1", "run.tensorboard=false"]
     run_dir = tmp_path / "run"
-    ref = subprocess.run(TORCHRUN + recipe(run_dir, demo_data, *common), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=_torchrun_env())
+    ref = torchrun(recipe(run_dir, demo_data, *common))
     assert ref.returncode == 0, ref.stderr[-3000:]
     os.rename(run_dir, tmp_path / "ref")
 
@@ -194,10 +188,7 @@ def test_dead_agent_then_dead_rank_under_restarts(demo_data, tmp_path):
     assert killed_at < 40
 
     # 2. resubmitted with restarts; rank 0 (lock holder, checkpoint writer) dies
-    job = subprocess.Popen(TORCHRUN + ["--max-restarts=1"] +
-                           recipe(run_dir, demo_data, *common) + ["--resume", "auto"],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True, env=_torchrun_env())
+    job = _start(["--max-restarts=1", *recipe(run_dir, demo_data, *common), "--resume", "auto"])
     _wait_checkpoint(run_dir, job, max(steps_saved(str(run_dir))) + 3)
     rank0 = dict(_worker_pids(job.pid))[0]
     os.kill(rank0, signal.SIGKILL)
@@ -216,6 +207,7 @@ def _resumed_steps(out):
     return re.findall(r"resuming from \S+ \(step (\d+)\)", out)
 
 
+@pytest.mark.slow
 def test_stalled_data_workers_end_every_rank_with_status_3(demo_data, tmp_path):
     """Rank 1's DataLoader worker SIGSTOPped: rank 1 waits for its next batch, rank 0 for the
     gradient all-reduce. Both end within run.stall_timeout (plus the watchdog's 1 s check),
@@ -224,7 +216,7 @@ def test_stalled_data_workers_end_every_rank_with_status_3(demo_data, tmp_path):
     run_dir = tmp_path / "run"
     agent = _start(recipe(run_dir, demo_data, "train.steps=2000", "eval.every_steps=0",
                           "checkpoint.every_steps=3", "data.workers=1",
-                          f"run.stall_timeout={timeout}"))
+                          "run.tensorboard=false", f"run.stall_timeout={timeout}"))
     _wait_checkpoint(run_dir, agent, 3)
     ranks = dict(_worker_pids(agent.pid))
     workers = [p for p in _tree(ranks[1]) if p != ranks[1]]
