@@ -92,7 +92,10 @@ def _cover_compilation() -> bool:
 
 
 class Watchdog:
-    def __init__(self, timeout: float, rank: int, world: int):
+    """The checking thread of one run (module doc): `timeout` is run.stall_timeout (0: no
+    stall check); the parent-pid check runs under torchrun alone."""
+
+    def __init__(self, *, timeout: float, rank: int, world: int):
         self.timeout, self.rank, self.world = timeout, rank, world
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self._stop = threading.Event()
@@ -160,7 +163,7 @@ def start(stall_timeout: float, rank: int = 0, world: int = 1,
         log.warning("this torch has no compile callbacks: a torch.compile compilation counts "
                     "against run.stall_timeout like any other wait")
     progress("start-up")
-    _active = Watchdog(stall_timeout, rank, world).start()
+    _active = Watchdog(timeout=stall_timeout, rank=rank, world=world).start()
     return _active
 
 

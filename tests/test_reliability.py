@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_distributed import _start, _wait_checkpoint, _worker_pids, recipe, torchrun
 from test_resume import assert_same_tensors, load, steps_saved
 
@@ -28,13 +27,14 @@ def _strict(line):
 
 def test_metrics_jsonl_stays_strict_json_with_a_real_nan(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from cspx.runlog import MetricsLog
     inf_logit = torch.tensor([[float("inf"), 0.0]])
     nan = F.cross_entropy(inf_logit, torch.tensor([0])).item()   # inf - inf inside log_softmax
     inf = (torch.tensor(1.0) / torch.tensor(0.0)).item()
     neg_inf = torch.log(torch.tensor(0.0)).item()
     assert math.isnan(nan) and inf == math.inf and neg_inf == -math.inf
-    m = MetricsLog(str(tmp_path), None, tensorboard=True, enabled=True)
+    m = MetricsLog(run_dir=str(tmp_path), resume_step=None, tensorboard=True, enabled=True)
     m.write("train", 1, {"loss": 2.5, "lr": 0.1})
     m.write("train", 2, {"loss": nan, "lr": 0.1, "img_per_sec": inf, "grad": neg_inf})
     m.write("eval", 2, {"top1": 50.0, "loss": nan, "count": 300})
@@ -55,7 +55,7 @@ def test_metrics_jsonl_stays_strict_json_with_a_real_nan(tmp_path):
     assert math.isnan(acc.Scalars("train/loss")[1].value)
     assert acc.Scalars("train/img_per_sec")[0].value == math.inf
     # a resumed run re-reads the file (dropping events after its checkpoint): nulls pass
-    MetricsLog(str(tmp_path), 1, tensorboard=False, enabled=True).close()
+    MetricsLog(run_dir=str(tmp_path), resume_step=1, tensorboard=False, enabled=True).close()
     assert [_strict(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1]
 
 
@@ -63,7 +63,7 @@ def test_a_compilation_holds_the_stall_clock():
     """torch.compile reports no progress while it compiles (minutes for a large model): the
     watchdog does not count that time, and counts again from the compilation's end."""
     from cspx import watchdog
-    dog = watchdog.Watchdog(0.2, rank=0, world=1)   # its thread is not started: checked here
+    dog = watchdog.Watchdog(timeout=0.2, rank=0, world=1)  # its thread is not started: checked here
     during = []
 
     def slow_backend(gm, inputs):
