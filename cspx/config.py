@@ -125,6 +125,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_grad_norm: Optional[float] = None
     deterministic: bool = False        # deterministic kernels (slower on GPU; CPU is already)
+    # optimizer steps during which only the classifier trains (cspx.freeze); then everything
+    freeze_backbone_steps: int = 0
 
     def __post_init__(self):
         _check(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
@@ -134,30 +136,69 @@ class TrainConfig:
                f"{self.batch_size} is not divisible by train.accum_steps={self.accum_steps}")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "must be > 0")
+        _check(self.freeze_backbone_steps >= 0, "freeze_backbone_steps", "must be >= 0")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 0.1                    # base LR for train.batch_size images per step
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.005        # conv and linear weights only (darknet)
+    name: Literal["sgd", "adamw"] = "sgd"  # torch.optim.SGD or torch.optim.AdamW (cspx.optim)
+    lr: float = 0.1                    # peak LR for train.batch_size images per step
+    momentum: float = 0.9              # sgd only
+    nesterov: bool = False             # sgd only
+    betas: Tuple[float, float] = (0.9, 0.999)  # adamw only: decay rates of the moment estimates
+    eps: float = 1e-8                  # adamw only: added to the second moment's square root
+    # sgd: L2 term added to the gradient; adamw: decoupled, w <- w - lr * wd * w. Conv and linear
+    # weights only (darknet; torchvision's --norm-weight-decay 0)
+    weight_decay: float = 0.005
+    head_lr_mult: float = 1.0          # the classifier's LR as a multiple of the schedule's
 
     def __post_init__(self):
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
+        _check(not self.nesterov or self.name == "sgd", "nesterov",
+               f"is SGD's; optim.name is {self.name}")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "betas",
+               f"must both be in [0, 1), got {list(self.betas)}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(self.head_lr_mult > 0, "head_lr_mult", f"must be > 0, got {self.head_lr_mult}")
 
 
 @dataclass(frozen=True)
 class SchedConfig:
-    power: float = 4.0                 # darknet `power`: burn-in (i/burn_in)^p, decay (1 - i/steps)^p
-    burn_in: int = 1000                # optimizer steps of burn-in
+    """The LR curve over train.steps (cspx.schedule). Every kind may start with a linear warmup
+    from warmup_lr (timm's); poly may instead start with darknet's burn-in, not both."""
+    kind: Literal["poly", "cosine", "step"] = "poly"
+    power: float = 4.0                 # poly: burn-in (i/burn_in)^p, decay (1 - i/steps)^p
+    burn_in: int = 1000                # poly: optimizer steps of darknet's burn-in; 0: none
+    warmup_steps: int = 0              # optimizer steps of linear warmup; 0: none
+    warmup_lr: float = 0.0             # LR at step 0 of the warmup
+    min_lr: float = 0.0                # poly and cosine: the LR the decay ends at
+    decay_steps: int = 0               # step: the LR is multiplied by decay_rate every decay_steps
+    decay_rate: float = 0.1            # step only
 
     def __post_init__(self):
         _check(self.power >= 0, "power", "must be >= 0")
         _check(self.burn_in >= 0, "burn_in", "must be >= 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.warmup_lr >= 0, "warmup_lr", "must be >= 0")
+        _check(self.min_lr >= 0, "min_lr", "must be >= 0")
+        _check(self.decay_steps >= 0, "decay_steps", "must be >= 0")
+        _check(0.0 < self.decay_rate <= 1.0, "decay_rate",
+               f"must be in (0, 1], got {self.decay_rate}")
+        _check(self.kind == "poly" or self.burn_in == 0, "burn_in",
+               f"darknet's burn-in belongs to sched.kind=poly; with {self.kind} set "
+               f"sched.burn_in=0 and warm up with sched.warmup_steps")
+        _check(self.burn_in == 0 or self.warmup_steps == 0, "warmup_steps",
+               f"conflicts with sched.burn_in={self.burn_in} (darknet's burn-in); set one of "
+               f"them to 0")
+        _check(self.kind != "step" or self.decay_steps > 0, "decay_steps",
+               "sched.kind=step needs decay_steps > 0")
+        _check(self.kind == "step" or self.decay_steps == 0, "decay_steps",
+               f"is used by sched.kind=step only; with {self.kind} set it to 0")
+        _check(self.kind != "step" or self.min_lr == 0, "min_lr",
+               "the step schedule has no floor (as timm's StepLRScheduler); set it to 0")
 
 
 @dataclass(frozen=True)
@@ -214,6 +255,11 @@ class Config:
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", "must be >= 0")
+        lr = self.optim.lr
+        _check(self.sched.min_lr <= lr, "sched.min_lr",
+               f"{self.sched.min_lr:g} is above optim.lr={lr:g}")
+        _check(self.sched.warmup_lr <= lr, "sched.warmup_lr",
+               f"{self.sched.warmup_lr:g} is above optim.lr={lr:g}")
 
 
 # What a recipe must say itself: without them an empty or partial file would quietly train the
@@ -221,10 +267,22 @@ class Config:
 REQUIRED = ("run.dir", "model.name", "data.root", "train.steps", "train.batch_size", "optim.lr")
 
 
+# A recipe value the command line must supply, as in Hydra/OmegaConf: `???`, optionally followed
+# by what is needed (recipes/finetune.yaml: `init_from: "??? the weights to fine-tune ..."`).
+MISSING = "???"
+
+
 def load_config(path: str, overrides: Sequence[str] = (), check_paths: bool = True) -> Config:
+    merged = configio.flatten(configio.merge(configio.read_yaml(path),
+                                             configio.parse_overrides(overrides)))
+    needed = {k: v[len(MISSING):].strip() for k, v in merged.items()
+              if isinstance(v, str) and v.startswith(MISSING)}
+    if needed:
+        what = " and ".join(f"{k} ({v})" if v else k for k, v in needed.items())
+        raise CspxError(f"{path}: this recipe needs {what}; add "
+                        f"{' '.join(k + '=...' for k in needed)} to the command line")
     cfg = configio.load(Config, path, overrides)
-    given = set(configio.flatten(configio.merge(configio.read_yaml(path),
-                                                configio.parse_overrides(overrides))))
+    given = set(merged)
     missing = [k for k in REQUIRED if k not in given]
     if missing:
         raise CspxError(f"{path}: the recipe does not set {', '.join(missing)}; a recipe names at "

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from typing import Any, Dict, List, Sequence, Tuple, Type, TypeVar
 
@@ -44,8 +45,9 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any) -> Tuple[bool, Any]:
-    """(ok, value converted to tp). Ints are accepted where floats are expected; nothing else is
-    converted, so `lr: "0.1"` or `steps: 1.5` is an error rather than a silent cast."""
+    """(ok, value converted to tp). Where a number is expected, ints and float literals written
+    as strings (`1e-3`, see _number) are accepted; nothing else is converted, so `steps: 1.5`,
+    `steps: "10"` or `hflip: yes` is an error rather than a silent cast."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         for arg in typing.get_args(tp):
@@ -68,11 +70,29 @@ def _coerce(value: Any, tp: Any) -> Tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        return _number(value)
     if tp is str:
         return isinstance(value, str), value
     raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _number(value: Any) -> Tuple[bool, Any]:
+    """A float key's value: an int, a float, or a string that Python's float() reads. PyYAML
+    follows YAML 1.1, where `1e-3` (no dot in the mantissa) is a string, yet it is how learning
+    rates are written; `"0.1"`, ` 5E-4`, `.5` and `1_000.5` are accepted alike. nan and inf are
+    refused (as strings or YAML's .nan/.inf): no key means anything with them."""
+    if isinstance(value, bool):
+        return False, value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return False, value
+    elif isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        return False, value
+    return (True, number) if math.isfinite(number) else (False, value)
 
 
 def _hints(cls: Type) -> Dict[str, Any]:

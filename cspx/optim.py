@@ -1,63 +1,118 @@
-"""The optimizer, built at setup and stepped by the loop: the learning-rate schedule and SGD, as
-darknet defines them for CSPNet."""
+"""The optimizer, built at setup and stepped by the loop: SGD (as darknet defines it for CSPNet)
+or AdamW, torch's own, over parameter groups that keep weight decay off norms and biases and may
+give the classifier its own LR. The LR itself comes from cspx.schedule."""
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
 
-from cspx.config import Config, OptimConfig
+from cspx.config import OptimConfig
+from cspx.errors import CspxError
+
+GROUPS = ("decay", "no_decay", "head_decay", "head_no_decay")  # names, in optimizer order
 
 
-def lr_at(step: int, lr: float, steps: int, power: float = 4.0, burn_in: int = 1000) -> float:
-    """LR for the optimizer update at `step` (0-based): darknet `policy=poly` with `burn_in`.
-
-    burn-in:  lr * (step / burn_in)^power                for step < burn_in
-    decay:    lr * (1 - step / steps)^power              otherwise (step is not offset by burn_in)
-    Pure function of its arguments, so any step's LR can be printed, plotted or tested directly.
-    """
-    if step < burn_in:
-        return lr * (step / burn_in) ** power
-    return lr * max(0.0, 1.0 - step / steps) ** power
+def classifier(model: nn.Module) -> nn.Module:
+    """The module whose parameters are "the head": timm's `get_classifier()` (CspNet: head.fc)."""
+    return model.get_classifier()
 
 
-def lr_for(cfg: Config, step: int) -> float:
-    """The recipe's LR at `step`: the one place the schedule (optim.lr, train.steps, sched.*)
-    is computed; the loop, --dry-run's plan and cspx.resolve's burn-in warning all ask it."""
-    return lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.sched.power, cfg.sched.burn_in)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """Two groups: conv and linear weights decay; BN parameters and all biases do not (darknet
-    applies `decay` only to conv and connected-layer weights)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict]:
+    """Conv and linear weights decay; BN parameters and all biases do not (darknet applies
+    `decay` only to conv and connected-layer weights). With head_lr_mult != 1 the classifier's
+    parameters form two groups of their own, whose LR the schedule's times `lr_scale` (timm's
+    name for it); otherwise two groups, as in every checkpoint of older cspx versions."""
+    head = {id(p) for p in classifier(model).parameters()} if head_lr_mult != 1.0 else set()
+    groups: Dict[str, List[nn.Parameter]] = {name: [] for name in GROUPS}
     seen = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
+            if id(p) in seen:
                 continue
             seen.add(id(p))
             is_weight = name == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-            (decay if is_weight else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+            group = ("head_" if id(p) in head else "") + ("decay" if is_weight else "no_decay")
+            groups[group].append(p)
+    out = [{"params": groups["decay"], "weight_decay": weight_decay, "name": "decay"},
+           {"params": groups["no_decay"], "weight_decay": 0.0, "name": "no_decay"}]
+    if head:
+        out += [{"params": groups["head_decay"], "weight_decay": weight_decay,
+                 "name": "head_decay", "lr_scale": head_lr_mult},
+                {"params": groups["head_no_decay"], "weight_decay": 0.0,
+                 "name": "head_no_decay", "lr_scale": head_lr_mult}]
+    return out
 
 
-def build_sgd(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.SGD:
-    """SGD with the fused CUDA kernel where this torch has it, else the foreach implementation
-    (one kernel per group of tensors instead of one per parameter). Its LR starts at 0: the
-    schedule (`lr_for`) sets it before every step."""
-    kwargs = {}
-    if device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters:
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = True
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=0.0, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov, **kwargs)
+def _kernel(cls: type, device: torch.device) -> Dict[str, bool]:
+    """The fused CUDA kernel where this torch has it for `cls`, else the foreach implementation
+    (one kernel per group of tensors instead of one per parameter)."""
+    if device.type == "cuda" and "fused" in inspect.signature(cls).parameters:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    """optim.name over `param_groups`. Every parameter is in a group, including any that do not
+    train yet (train.freeze_backbone_steps): a parameter without a gradient is skipped by the
+    step (no decay, no state) until it has one. Its LR starts at 0: the schedule
+    (`cspx.schedule.lr_for`, through `set_lr`) sets it before every step."""
+    groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps,
+                                 **_kernel(torch.optim.AdamW, device))
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           **_kernel(torch.optim.SGD, device))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's LR in every group, times the group's lr_scale (the classifier's groups)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
+    """{"lr": the schedule's LR, "lr_head": the classifier's when it has its own} as set last."""
+    out = {"lr": optimizer.param_groups[0]["lr"]}
+    for group in optimizer.param_groups:
+        if group.get("name") == "head_decay":
+            out["lr_head"] = group["lr"]
+    return out
+
+
+def moment_buffers(cfg: OptimConfig) -> int:
+    """State tensors the optimizer keeps per trained parameter (for checkpoint sizes)."""
+    return 2 if cfg.name == "adamw" else int(cfg.momentum > 0)
+
+
+class OptimizerState:
+    """The optimizer as a checkpoint part: its state (moments, step counts) comes from the
+    checkpoint, its settings (LR scale, weight decay, betas, kernels) stay the recipe's, so a
+    --resume-force that changed them takes effect. A checkpoint whose groups do not match the
+    recipe's (another optim.name, or optim.head_lr_mult added or removed) cannot be continued:
+    one line says so."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        ours = self.optimizer.param_groups
+        theirs = state["param_groups"]
+        names = [g.get("name") for g in theirs]
+        kind = lambda groups: "adamw" if "betas" in groups[0] else "sgd"
+        if names != [g["name"] for g in ours] or kind(theirs) != kind(ours):
+            raise CspxError(
+                f"checkpoint: its optimizer ({kind(theirs)}, parameter groups {names}) does not "
+                f"match the recipe's ({kind(ours)}, {[g['name'] for g in ours]}): optim.name or "
+                f"optim.head_lr_mult changed; resume with the checkpoint's values, or start a "
+                f"new run from its weights with model.init_from")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in ours]
+        self.optimizer.load_state_dict(state)
+        for group, s in zip(self.optimizer.param_groups, settings):
+            group.update(s)

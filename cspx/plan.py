@@ -6,31 +6,57 @@ from torch import nn
 
 from cspx.config import Config
 from cspx.data.loader import DataSplit
-from cspx.optim import lr_for
+from cspx.optim import moment_buffers
+from cspx.schedule import lr_for
 
 
-def checkpoint_bytes(model: nn.Module, ema: bool) -> int:
-    """Model state + one SGD momentum buffer per parameter (+ EMA copy of the state)."""
+def checkpoint_bytes(model: nn.Module, ema: bool, buffers: int = 1) -> int:
+    """Model state + `buffers` optimizer tensors per parameter (SGD's momentum: 1, AdamW's
+    moments: 2) + an EMA copy of the state."""
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return state + momentum + (state if ema else 0)
+    moments = sum(p.numel() * p.element_size() for p in model.parameters()) * buffers
+    return state + moments + (state if ema else 0)
+
+
+MAX_DECAYS = 4  # sched.kind=step: the first few decays are listed
 
 
 def lr_points(cfg: Config):
-    """(label, step, lr) at 0, the end of burn-in and 25/50/75/100% of the run."""
+    """(label, step, lr) at 0, the end of burn-in or warmup, the step kind's first decays, the
+    unfreezing of the backbone and 25/50/75/100% of the run; labels of one step are joined."""
     t, s = cfg.train, cfg.sched
     pts = [("start", 0)]
     if 0 < s.burn_in < t.steps:
         pts.append(("end of burn-in", s.burn_in))
+    if 0 < s.warmup_steps < t.steps:
+        pts.append(("end of warmup", s.warmup_steps))
+    if s.kind == "step":
+        decays = range(s.decay_steps, t.steps, s.decay_steps)
+        pts += [(f"decay {i + 1}", d) for i, d in enumerate(decays[:MAX_DECAYS])]
+    if 0 < t.freeze_backbone_steps < t.steps:
+        pts.append(("backbone unfrozen", t.freeze_backbone_steps))
     pts += [(f"{q}%", min(t.steps * q // 100, t.steps - 1) if q == 100 else t.steps * q // 100)
             for q in (25, 50, 75, 100)]
-    return [(name, step, lr_for(cfg, step)) for name, step in pts]
+    labels = {}
+    for name, step in pts:
+        labels.setdefault(step, []).append(name)
+    return [(", ".join(names), step, lr_for(cfg, step)) for step, names in sorted(labels.items())]
+
+
+def _lr_lines(cfg: Config):
+    mult = cfg.optim.head_lr_mult
+    for i, (name, step, lr) in enumerate(lr_points(cfg)):
+        head = f"head {lr * mult:<12.6g} " if mult != 1.0 else ""
+        label = "learning rate" if i == 0 else ""
+        yield f"  {label:<13} step {step:>11,}  {lr:<12.6g} {head}{name}"
 
 
 def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSplit,
                   world: int, micro: int) -> str:
     t = cfg.train
     params = sum(p.numel() for p in model.parameters())
+    buffers = moment_buffers(cfg.optim)
+    state = {0: "", 1: " + momentum", 2: " + AdamW moments"}[buffers]
     images = t.steps * t.batch_size
     lines = [
         "plan (dry run: recipe and data checked, nothing trained)",
@@ -42,13 +68,25 @@ def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSpli
         f"accumulation x {micro} per forward pass; precision {t.precision}",
         f"  steps         {t.steps:,} optimizer steps = {images / len(train):,.2f} epochs, "
         f"{images:,} images seen",
-        *[f"  {'learning rate' if i == 0 else '':<13} step {s:>11,}  {lr:<12.6g} {n}"
-          for i, (n, s, lr) in enumerate(lr_points(cfg))],
+        f"  optimizer     {_optimizer(cfg)}",
+        *_lr_lines(cfg),
         f"  eval          every {cfg.eval.every_steps or 'end-only'} steps at {cfg.eval.img_size} px, "
         f"crop {cfg.eval.crop_pct}",
         f"  checkpoints   every {cfg.checkpoint.every_steps or 'end-only'} steps, keep {cfg.checkpoint.keep_last}, "
-        f"about {checkpoint_bytes(model, cfg.ema.enabled) / 2**20:,.0f} MiB each "
-        f"(model + momentum{' + EMA' if cfg.ema.enabled else ''})",
+        f"about {checkpoint_bytes(model, cfg.ema.enabled, buffers) / 2**20:,.0f} MiB each "
+        f"(model{state}{' + EMA' if cfg.ema.enabled else ''})",
         f"  output        {cfg.run.dir}",
     ]
     return "\n".join(lines)
+
+
+def _optimizer(cfg: Config) -> str:
+    o, s = cfg.optim, cfg.sched
+    if o.name == "adamw":
+        what = f"AdamW betas {list(o.betas)}, eps {o.eps:g}"
+    else:
+        what = f"SGD momentum {o.momentum:g}{', Nesterov' if o.nesterov else ''}"
+    head = f", classifier LR x {o.head_lr_mult:g}" if o.head_lr_mult != 1.0 else ""
+    frozen = (f", only the classifier trains for the first {cfg.train.freeze_backbone_steps:,} "
+              f"steps" if cfg.train.freeze_backbone_steps else "")
+    return f"{what}, weight decay {o.weight_decay:g}{head}{frozen}; {s.kind} schedule"

@@ -26,6 +26,7 @@ from cspx.data.loader import DataSplit, check_fits
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from cspx.models import eval_protocol
+from cspx.schedule import lr_for
 
 log = logging.getLogger("cspx")
 
@@ -78,9 +79,10 @@ def resolve(cfg: Config, env: DistEnv, data: Optional[Tuple[DataSplit, DataSplit
         check_fits("training", len(train), micro_batch(cfg, env.world), env.world, partial=False)
         check_fits("validation", len(val), cfg.eval.batch_size, env.world, partial=True)
     t, s = cfg.train, cfg.sched
-    if s.burn_in >= t.steps and env.is_main:
-        from cspx.optim import lr_for
-        log.warning(f"sched.burn_in={s.burn_in} >= train.steps={t.steps}: the run ends inside "
-                    f"burn-in (its last step has LR {lr_for(cfg, t.steps - 1):.4g} of "
-                    f"optim.lr={cfg.optim.lr:g})")
+    for key, n, what in (("burn_in", s.burn_in, "burn-in"), ("warmup_steps", s.warmup_steps,
+                                                               "the warmup")):
+        if n >= t.steps and env.is_main:
+            log.warning(f"sched.{key}={n} >= train.steps={t.steps}: the run ends inside {what} "
+                        f"(its last step has LR {lr_for(cfg, t.steps - 1):.4g} of "
+                        f"optim.lr={cfg.optim.lr:g})")
     return cfg

@@ -31,10 +31,12 @@ from cspx.distributed import DistEnv, StopVote, broadcast_buffers
 from cspx.ema import ModelEma
 from cspx.errors import CspxError
 from cspx.eval_metrics import evaluate
-from cspx.optim import lr_for, set_lr
+from cspx.freeze import BackboneFreeze
+from cspx.optim import OptimizerState, group_lrs, set_lr
 from cspx.placement import place_model
 from cspx.rng import RngState
 from cspx.runlog import MetricsLog
+from cspx.schedule import lr_for
 from cspx.signals import Preemption
 
 log = logging.getLogger("cspx")
@@ -99,24 +101,35 @@ class Trainer:
         self.rng = RngState(env.device)
         self.preemption = Preemption()
         self.vote = StopVote(env)
+        steps = cfg.train.freeze_backbone_steps
+        self.freeze = BackboneFreeze(model, steps=steps) if steps else None
         self.forward_model: nn.Module = model  # replaced by wrap(): DDP and/or compiled
+        self._compile_backend = "inductor"
         self._graphs = False                   # wrap(): CUDA graphs replay the forward pass
         self._window = (time.perf_counter(), 0)  # (time, images) at the last log
         self._pending = None                     # a batch taken early for the image grid
-        ckpt.register(shared={"model": model, "optimizer": optimizer, "scaler": self.scaler,
-                              "ema": self.ema, "progress": self.progress},
+        # the optimizer's state from a checkpoint, its settings from the recipe (OptimizerState)
+        ckpt.register(shared={"model": model, "optimizer": OptimizerState(optimizer),
+                              "scaler": self.scaler, "ema": self.ema, "progress": self.progress},
                       per_rank={"rng": self.rng, "loader": train_loader})
 
     # ----- setup ------------------------------------------------------------------------------
-    def wrap(self, compile_backend: str = "inductor") -> None:
+    def wrap(self, compile_backend: Optional[str] = None) -> None:
         """DistributedDataParallel, then torch.compile (cspx.placement.place_model); self.model
-        stays the plain module. `compile_backend` other than inductor is for rehearsing the
-        compile path on a CPU (scripts/gpu_check.sh --rehearse: aot_eager traces and
-        differentiates the model without generating kernels)."""
+        stays the plain module. Called once at setup (after a resume), and again where the
+        backbone unfreezes: DDP reduces only the parameters that required gradients when it was
+        built, and torch.compile guards on them (cspx.freeze). `compile_backend` other than
+        inductor is for rehearsing the compile path on a CPU (scripts/gpu_check.sh --rehearse:
+        aot_eager traces and differentiates the model without generating kernels); a later
+        call keeps the first one's."""
+        self._compile_backend = compile_backend or self._compile_backend
+        if self.freeze is not None:
+            self.freeze.apply(self.progress.step)
+        _release_ddp(self.forward_model)
         m = self.cfg.model
         self.forward_model = place_model(
             self.model, device=self.env.device, channels_last=m.channels_last, compile=m.compile,
-            compile_mode=m.compile_mode, compile_backend=compile_backend,
+            compile_mode=m.compile_mode, compile_backend=self._compile_backend,
             wrap=self._ddp if self.env.distributed else None)
         # CUDA graphs (reduce-overhead) reuse their output buffers from one replay to the next:
         # each forward pass is marked as a new iteration, as this loop never keeps an output
@@ -146,6 +159,9 @@ class Trainer:
     # ----- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> None:
         t, p = self.cfg.train, self.progress
+        if self.freeze is not None and self.freeze.apply(p.step):
+            log.info(f"step {p.step}: the backbone is unfrozen, every parameter trains from now on")
+            self.wrap()
         set_lr(self.optimizer, lr_for(self.cfg, p.step))
         for micro in range(t.accum_steps):
             p.micro_step = micro
@@ -234,12 +250,13 @@ class Trainer:
         now = time.perf_counter()
         t0, images0 = self._window
         ips = (p.images - images0) / max(now - t0, 1e-9)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lrs = group_lrs(self.optimizer)  # the LRs of the step just taken
         p.loss_sum.zero_()
         p.loss_n = 0
         self._window = (now, p.images)
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.4g} {ips:.0f} img/s ep {self.loader.epoch:.2f}")
-        self.metrics.write("train", p.step, {"loss": loss, "lr": lr, "img_per_sec": ips,
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lrs['lr']:.4g} {ips:.0f} img/s "
+                            f"ep {self.loader.epoch:.2f}")
+        self.metrics.write("train", p.step, {"loss": loss, **lrs, "img_per_sec": ips,
                                              "epoch": self.loader.epoch,
                                              "bad_files": self.loader.bad_files})
 
@@ -266,3 +283,14 @@ class Trainer:
             p.best_top1, p.best_step = top1, p.step
             return True
         return False
+
+
+def _release_ddp(module: nn.Module) -> None:
+    """Detach a DistributedDataParallel wrapper (under torch.compile's, if any) from the
+    parameters before a new one is built: its reducer's gradient hooks would otherwise still
+    all-reduce the parameters it had registered."""
+    ddp = getattr(module, "_orig_mod", module)
+    if isinstance(ddp, nn.parallel.DistributedDataParallel):
+        ddp._remove_autograd_hooks()
+        for handle in getattr(ddp, "_accum_grad_hooks", []):
+            handle.remove()

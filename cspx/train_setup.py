@@ -26,7 +26,7 @@ from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from cspx.files import atomic_write, write_json
 from cspx.models import convert_sync_batchnorm, create_model
-from cspx.optim import build_sgd
+from cspx.optim import build_optimizer
 from cspx.placement import place_model
 from cspx.plan import describe_plan
 from cspx.resolve import resolve
@@ -153,7 +153,7 @@ def _place_model(cfg: Config, env: DistEnv, model: torch.nn.Module, fresh: bool)
     if cfg.model.sync_bn and env.distributed:
         model = convert_sync_batchnorm(model)
     place_model(model, device=env.device, channels_last=cfg.model.channels_last)
-    return model, build_sgd(model, cfg.optim, env.device)
+    return model, build_optimizer(model, cfg.optim, env.device)
 
 
 def _loaders(cfg: Config, data: Tuple[DataSplit, DataSplit], env: DistEnv, run: RunDir,

@@ -15,6 +15,9 @@ every measured row, with "complete": false until the mode finishes).
               per loader (default recipe: the demo; --epochs, default 30)
   shards      sharded dataset vs loose files: startup, loader img/s, copy (cspx/bench/shards.py)
   evaldiff    DALI's evaluation images against PIL's on the same JPEGs, and probe top-1 agreement
+  finetune    transfer: the demo's model pretrained on the demo task, fine-tuned with
+              recipes/finetune.yaml on another synthetic task, beside the same model from scratch
+              on the same --steps (cspx/bench/transfer.py); accuracies are deterministic on CPU
 
 Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
@@ -24,6 +27,7 @@ Examples:
       --compile-modes eager,default,reduce-overhead
   python scripts/benchmark.py checkpoint --out-dir /data/runs/bench
   python scripts/benchmark.py memory --epochs 30 --workers 2
+  python scripts/benchmark.py finetune --steps 150 --workers 2
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ MODES = {
     "evaldiff": "cspx.bench.evaldiff:evaldiff",
     "memory": "cspx.bench.memory:memory",
     "shards": "cspx.bench.shards:bench",
+    "finetune": "cspx.bench.transfer:finetune",
 }
 NEEDS_DATA = ("loader", "train", "baseline", "validate", "augment", "evaldiff")
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -78,20 +83,22 @@ def parse(argv):
                    "recipes/cspresnext50_ra.yaml; the memory mode: recipes/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set aug.randaugment_ops=0 (repeatable)")
-    p.add_argument("--model", default="cspresnext50")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--model", help="default: cspresnext50 (finetune: the demo's model)")
+    p.add_argument("--batch", type=int, help="default: 32 (finetune: the demo's 64)")
+    p.add_argument("--img-size", type=int, help="default: 224 (finetune: the demo's 64)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for CUDA, off for CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--steps", type=int, default=10, help="steps (or batches) per timed round")
+    p.add_argument("--steps", type=int, help="steps (or batches) per timed round (default 10); "
+                   "finetune: the steps of each run on the new task (default 150)")
     p.add_argument("--rounds", type=int, default=5,
                    help="alternating rounds; medians are reported (evaldiff: probe seeds)")
     p.add_argument("--warmup", type=int, default=3,
                    help="steps (loader: batches) before timing, whatever the worker count")
-    p.add_argument("--data", help="ImageNet-layout folder of JPEGs (default: the shared sample)")
+    p.add_argument("--data", help="ImageNet-layout folder of JPEGs (default: the shared sample; "
+                   "finetune: the demo set, generated into the cache when not given)")
     p.add_argument("--make-data", type=int, metavar="N",
                    help="generate N JPEGs of ImageNet size (~500x375, q90) and use them")
     p.add_argument("--loader", default="auto", choices=["auto", "torch", "dali"], help="train mode")
@@ -110,13 +117,22 @@ def parse(argv):
     p.add_argument("--out-dir", help="checkpoint mode: the disk to write to; a temporary folder "
                    "is made inside it and removed at the end (default: the system's temp dir)")
     p.add_argument("--epochs", type=int, default=30, help="memory mode: epochs per loader")
+    p.add_argument("--pretrain-steps", type=int,
+                   help="finetune: steps on the demo task (default: the demo recipe's 500)")
+    p.add_argument("--per-class", type=int, default=100,
+                   help="finetune: training images per class of the new task")
+    p.add_argument("--evals", type=int, default=10, help="finetune: evaluations per run")
+    p.add_argument("--shape-only", action="store_true",
+                   help="finetune: the new task's shapes in random colours (default: each class "
+                   "in a colour band of its own, as in the demo)")
     p.add_argument("--timeout", type=float, default=3600, help="memory mode: seconds per loader")
     p.add_argument("--json", help="write the results here (an existing file is overwritten)")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
+    _mode_defaults(a)
     if a.batch_sizes is None:
         a.batch_sizes = [32, 64] if a.mode == "model" else [a.batch]
-    for name in ("batch", "steps", "rounds", "img_size"):
+    for name in ("batch", "steps", "rounds", "img_size", "per_class", "evals"):
         if getattr(a, name) <= 0:
             raise CspxError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(a, name)}")
     if a.warmup < 0 or min(a.batch_sizes) <= 0:
@@ -127,6 +143,23 @@ def parse(argv):
     if a.channels_last is None:
         a.channels_last = a.device != "cpu" and torch.cuda.is_available()
     return a
+
+
+def _mode_defaults(a):
+    """--model, --batch, --img-size and --steps where not given: the finetune mode's come from
+    the demo recipe (its model, batch and image size), the others' are fixed."""
+    if a.mode == "finetune":
+        import yaml
+        demo = yaml.safe_load(open(os.path.join(ROOT, "recipes", "demo.yaml"), encoding="utf-8"))
+        fixed = dict(model=demo["model"]["name"], batch=demo["train"]["batch_size"],
+                     img_size=demo["aug"]["img_size"], steps=150)
+    else:
+        fixed = dict(model="cspresnext50", batch=32, img_size=224, steps=10)
+    for k, v in fixed.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.pretrain_steps is not None and a.pretrain_steps <= 0:
+        raise CspxError(f"--pretrain-steps: must be > 0, got {a.pretrain_steps}")
 
 
 def _data(args):

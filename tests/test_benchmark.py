@@ -89,9 +89,9 @@ def test_a_failing_variant_is_an_error_row_and_the_others_run():
 
 def test_bare_loop_uses_the_trainers_optimizer_scaler_and_schedule(tmp_path):
     """`overhead` compares loops, not optimizers: the bare loop's SGD has the trainer's
-    parameter groups, weight decay and kernel flags (cspx.optim.build_sgd)."""
+    parameter groups, weight decay and kernel flags (cspx.optim.build_optimizer)."""
     from cspx.bench.steps import SYNTHETIC_ONLY, BareLoop, bench_config, make_trainer, synthetic
-    from cspx.optim import lr_for
+    from cspx.schedule import lr_for
     cfg = bench_config(bench_args(), SYNTHETIC_ONLY)
     fixed = synthetic(cfg, CPU)
     trainer = make_trainer(cfg, CPU, fixed, str(tmp_path))
@@ -102,7 +102,7 @@ def test_bare_loop_uses_the_trainers_optimizer_scaler_and_schedule(tmp_path):
         assert [p.shape for p in b["params"]] == [p.shape for p in t["params"]]
         for key in ("weight_decay", "momentum", "nesterov", "dampening", "foreach", "fused"):
             assert b.get(key) == t.get(key), key
-    assert bg[0]["foreach"] is True  # on the CPU; the fused kernel on CUDA (build_sgd)
+    assert bg[0]["foreach"] is True  # on the CPU; the fused kernel on CUDA (build_optimizer)
     assert bare.scaler.is_enabled() == trainer.scaler.is_enabled()
     bare.runner(itertools.repeat((fixed.images, fixed.labels)))(2)
     assert bare.step == 2 and bg[0]["lr"] == lr_for(cfg, 1)

@@ -35,8 +35,9 @@ def test_all_recipes_load_and_are_complete(tmp_path):
     assert {os.path.basename(p) for p in RECIPES} >= {"cspresnext50_ra.yaml",
                                                       "cspresnext50_darknet.yaml", "demo.yaml"}
     every_key = set(configio.flatten(configio.to_dict(Config())))
+    (tmp_path / "w.pth").touch()
     for path in RECIPES:
-        cfg = load_config(path, [f"data.root={tmp_path}"])
+        cfg = load_config(path, [f"data.root={tmp_path}", f"model.init_from={tmp_path / 'w.pth'}"])
         assert isinstance(cfg, Config)
         # a recipe spells out every key, so it documents the whole run
         assert set(configio.flatten(yaml.safe_load(open(path)))) == every_key, path
@@ -75,7 +76,25 @@ def test_overrides_are_yaml_scalars(recipe):
     ("optim: {lrr: 0.1}", "optim.lrr: unknown key, did you mean optim.lr?"),
     ("optimm: {lr: 0.1}", "optimm: unknown key, did you mean optim?"),
     ("train: {steps: 1.5}", "train.steps: expected an integer, got 1.5"),
-    ("optim: {lr: '0.1'}", "optim.lr: expected a number, got '0.1'"),
+    ("optim: {lr: fast}", "optim.lr: expected a number, got 'fast'"),
+    ("optim: {lr: .nan}", "optim.lr: expected a number, got nan"),
+    ("optim: {lr: 'inf'}", "optim.lr: expected a number, got 'inf'"),
+    ("optim: {lr: 1e-3x}", "optim.lr: expected a number, got '1e-3x'"),
+    ("optim: {lr: true}", "optim.lr: expected a number, got True"),
+    ("optim: {name: adam}", "optim.name: expected 'sgd' or 'adamw', got 'adam'"),
+    ("optim: {name: adamw, nesterov: true}", "optim.nesterov: is SGD's; optim.name is adamw"),
+    ("optim: {betas: [0.9, 1.0]}", "optim.betas: must both be in [0, 1), got [0.9, 1.0]"),
+    ("optim: {head_lr_mult: 0}", "optim.head_lr_mult: must be > 0, got 0.0"),
+    ("sched: {kind: cosine}", "sched.burn_in: darknet's burn-in belongs to sched.kind=poly; "
+                              "with cosine set sched.burn_in=0"),
+    ("sched: {warmup_steps: 100}", "sched.warmup_steps: conflicts with sched.burn_in=1000"),
+    ("sched: {kind: step, burn_in: 0}", "sched.decay_steps: sched.kind=step needs decay_steps > 0"),
+    ("sched: {decay_steps: 30}", "sched.decay_steps: is used by sched.kind=step only; with poly"),
+    ("sched: {kind: step, burn_in: 0, decay_steps: 3, min_lr: 1e-5}", "sched.min_lr: the step "
+                                                                        "schedule has no floor"),
+    ("sched: {min_lr: 0.5}", "sched.min_lr: 0.5 is above optim.lr=0.1"),
+    ("sched: {decay_rate: 0}", "sched.decay_rate: must be in (0, 1], got 0.0"),
+    ("train: {freeze_backbone_steps: -1}", "train.freeze_backbone_steps: must be >= 0"),
     ("train: {precision: fp8}", "train.precision: expected 'fp32' or 'bf16' or 'fp16' or 'auto'"),
     ("optim: {lr: 0}", "optim.lr: must be > 0, got 0.0"),
     ("optim: {momentum: 1.0}", "optim.momentum: must be in [0, 1), got 1.0"),
@@ -99,6 +118,36 @@ def test_recipe_errors_name_file_and_key(tmp_path, text, message):
         load_config(path)
     assert str(e.value).startswith(f"{path}: "), str(e.value)
     assert message in str(e.value)
+
+
+FLOATS = ["1e-3", "5E-4", ".5", "1.0e+6", "1e3", "+2.5e-2", " 1e-3 ", "1_000.5", "'0.1'", "7"]
+
+
+@pytest.mark.parametrize("text", FLOATS)
+def test_float_literals_are_numbers_in_files_and_overrides(recipe, tmp_path, text):
+    """Every literal Python's float() reads is a number for a float key: PyYAML (YAML 1.1)
+    reads 1e-3 as a string, yet it is how learning rates are written."""
+    value = float(yaml.safe_load(text))
+    path = write(tmp_path, open(recipe).read().replace("optim: {lr: 0.1}",
+                                                       f"optim: {{lr: {text}}}"), "f.yaml")
+    assert load_config(path).optim.lr == value
+    assert load_config(recipe, [f"optim.lr={text}"]).optim.lr == value
+    # in lists and optional keys too
+    c = load_config(recipe, [f"aug.scale=[{text}, {text}]" if value <= 1 else "aug.scale=[0.5, 1]",
+                             f"train.clip_grad_norm={text}", f"sched.warmup_lr=1e-9"])
+    assert c.train.clip_grad_norm == value and c.sched.warmup_lr == 1e-9
+    assert value > 1 or c.aug.scale == (value, value)
+
+
+@pytest.mark.parametrize("text", ["nan", ".nan", "inf", "-inf", ".inf", "Infinity", "1e999",
+                                  "abc", "0x1p-3", "1e-3x", "''", "yes"])
+def test_non_numbers_nan_and_inf_stay_refused(recipe, tmp_path, text):
+    with pytest.raises(CspxError, match=r"^command line: optim.lr: expected a number, got "):
+        load_config(recipe, [f"optim.lr={text}"])
+    path = write(tmp_path, open(recipe).read().replace("optim: {lr: 0.1}",
+                                                       f"optim: {{lr: {text}}}"), "f.yaml")
+    with pytest.raises(CspxError, match=rf"^{path}: optim.lr: expected a number, got "):
+        load_config(path)
 
 
 def test_override_errors_name_the_command_line(recipe):

@@ -35,14 +35,18 @@ def torchrun(args, timeout=300, **kw):
 
 
 def test_two_ranks_equal_one_rank_and_accumulation(demo_data, tmp_path):
-    """2 ranks x 4 images = 1 rank x 8 images = 1 rank x (2 micro-batches x 4), per step."""
-    common = ["train.steps=6", "eval.every_steps=0", "checkpoint.every_steps=0"]
+    """2 ranks x 4 images = 1 rank x 8 images = 1 rank x (2 micro-batches x 4), per step, with
+    the backbone frozen for the first 3 steps: DDP, built while only the classifier trained,
+    must be rebuilt at the unfreeze, or the ranks' backbone gradients would not be averaged."""
+    common = ["train.steps=6", "eval.every_steps=0", "checkpoint.every_steps=0",
+              "train.freeze_backbone_steps=3"]
     one = run_py(recipe(tmp_path / "one", demo_data, *common))
     assert one.returncode == 0, one.stderr
     acc = run_py(recipe(tmp_path / "acc", demo_data, *common, "train.accum_steps=2"))
     assert acc.returncode == 0, acc.stderr
     two = torchrun(recipe(tmp_path / "two", demo_data, *common))
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "step 3: the backbone is unfrozen" in two.stderr
     ref = load(tmp_path / "one/checkpoints/last.pt")["model"]
     for other in ("two", "acc"):
         got = load(tmp_path / other / "checkpoints/last.pt")["model"]

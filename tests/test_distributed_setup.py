@@ -31,7 +31,7 @@ def test_ddp_wrap_leaves_buffer_sync_to_evaluation(tmp_path, monkeypatch):
     from cspx.checkpoint import Checkpointer
     from cspx.distributed import DistEnv
     from cspx.models import create_model
-    from cspx.optim import build_sgd
+    from cspx.optim import build_optimizer
     from cspx.runlog import MetricsLog
     from cspx.train_loop import Trainer
     from test_benchmark import bench_args
@@ -42,7 +42,7 @@ def test_ddp_wrap_leaves_buffer_sync_to_evaluation(tmp_path, monkeypatch):
         cfg = bench_config(bench_args(), SYNTHETIC_ONLY)
         env = DistEnv(rank=0, world=2, device=CPU)  # the trainer's multi-rank path, on 1 process
         model = create_model(cfg.model.name, num_classes=1000)
-        t = Trainer(cfg=cfg, env=env, model=model, optimizer=build_sgd(model, cfg.optim, CPU),
+        t = Trainer(cfg=cfg, env=env, model=model, optimizer=build_optimizer(model, cfg.optim, CPU),
                     train_loader=FixedBatchLoader.random(batch=4, img_size=32, num_classes=1000,
                                                          device=CPU, channels_last=False),
                     eval_loader=None,

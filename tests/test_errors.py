@@ -107,8 +107,9 @@ def test_dry_run_finds_a_dataset_smaller_than_one_batch(sample_dir, tmp_path, lo
 
 def test_synthetic_class_limit_is_one_line(tmp_path):
     from cspx.data.synthetic import SHAPES, generate
-    with pytest.raises(CspxError, match=rf"13 classes asked for; it has 1 to {len(SHAPES)}"):
-        generate(str(tmp_path / "demo"), num_classes=13)
+    n = len(SHAPES) + 1
+    with pytest.raises(CspxError, match=rf"{n} classes asked for; it has 1 to {len(SHAPES)}"):
+        generate(str(tmp_path / "demo"), num_classes=n)
     assert not os.listdir(tmp_path)
 
 

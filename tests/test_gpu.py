@@ -105,3 +105,25 @@ def test_demo_trains_on_gpu_with_dali(demo_data, tmp_path):
                 f"run.tensorboard={str(tb).lower()}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dali loader" in r.stderr and "cuda" in r.stderr
+
+
+@pytest.mark.compile
+def test_fused_adamw_compiled_across_the_unfreeze():
+    """AdamW's fused CUDA kernel with a classifier LR, compiled, the backbone frozen for 2
+    steps: the frozen steps leave the backbone exactly as it was, the model is recompiled once
+    at the unfreeze, and from then on the backbone trains."""
+    # the tiny model at 64 px: two small graphs to compile (frozen, then whole)
+    t, _ = make(["train.precision=bf16", "model.compile=true", "optim.name=adamw",
+                 "optim.lr=1e-3", "optim.head_lr_mult=10", "train.freeze_backbone_steps=2",
+                 "model.name=cspresnext_tiny", "aug.img_size=64"], steps=4, batch=64)
+    assert all(g["fused"] for g in t.optimizer.param_groups)
+    w = t.model.stem.conv1.conv.weight
+    before = w.detach().clone()
+    t.train_step()
+    t.train_step()
+    assert torch.equal(w, before) and not w.requires_grad
+    t.train_step()                      # step 2: unfrozen, wrapped and compiled again
+    t.train_step()
+    assert w.requires_grad and not torch.equal(w, before)
+    state = t.state_dict()
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -1,34 +1,15 @@
-"""Schedule, weight-decay groups and loss against darknet's formula and torch's own losses."""
+"""Optimizers, weight-decay and classifier groups and the loss against hand-written updates,
+timm's parameter grouping and torch's own losses (the LR schedule: tests/test_schedule.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+CPU = torch.device("cpu")
 from cspx.config import OptimConfig
-from cspx.optim import build_sgd, lr_at, param_groups, set_lr
-
-
-def darknet_rate(i, base=0.1, max_batches=8_000_000, power=4, burn_in=1000):
-    """darknet get_current_rate(), policy=poly, written out independently."""
-    if i < burn_in:
-        return base * pow(i / burn_in, power)
-    return base * pow(1 - i / max_batches, power)
-
-
-@pytest.mark.parametrize("step", [0, 1, 500, 999, 1000, 4_000_000, 7_999_999])
-def test_lr_matches_darknet(step):
-    assert lr_at(step, 0.1, 8_000_000, 4.0, 1000) == pytest.approx(darknet_rate(step), rel=1e-12, abs=0)
-
-
-def test_lr_hand_values():
-    # hand-computed: burn-in (i/1000)^4, decay (1 - i/8e6)^4, i not offset by burn-in
-    assert lr_at(0, 0.1, 8_000_000) == 0.0
-    assert lr_at(500, 0.1, 8_000_000) == pytest.approx(0.1 * 0.0625)          # 0.5^4
-    assert lr_at(1000, 0.1, 8_000_000) == pytest.approx(0.1 * (1 - 1 / 8000) ** 4)
-    assert lr_at(4_000_000, 0.1, 8_000_000) == pytest.approx(0.1 / 16)       # 0.5^4
-    assert lr_at(7_999_999, 0.1, 8_000_000) == pytest.approx(0.1 * (1 / 8e6) ** 4)
-    assert lr_at(8_000_000, 0.1, 8_000_000) == 0.0
+from cspx.errors import CspxError
+from cspx.optim import OptimizerState, build_optimizer, param_groups, set_lr
 
 
 class Net(nn.Module):
@@ -43,6 +24,9 @@ class Net(nn.Module):
     def forward(self, x):
         return self.fc(self.dw(self.bn(self.conv(x))).mean((2, 3))) * self.scale
 
+    def get_classifier(self):
+        return self.fc
+
 
 def test_weight_decay_reaches_exactly_conv_and_linear_weights():
     m = Net()
@@ -56,7 +40,7 @@ def test_weight_decay_reaches_exactly_conv_and_linear_weights():
 def test_sgd_step_applies_decay_only_to_weights():
     """One SGD step with zero gradients: decayed tensors shrink by lr*wd, others stay."""
     m = Net()
-    opt = build_sgd(m, OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.5), torch.device("cpu"))
+    opt = build_optimizer(m, OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.5), CPU)
     set_lr(opt, 0.1)  # the schedule sets the LR before every step
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     for p in m.parameters():
@@ -76,3 +60,73 @@ def test_label_smoothed_loss_matches_torch_and_formula():
     logp = logits.log_softmax(1)
     hand = (0.9 * -logp.gather(1, labels[:, None]).squeeze(1) + 0.1 * -logp.mean(1)).mean()
     assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(ours, hand, atol=1e-6)
+
+
+def test_adamw_step_matches_the_hand_written_update():
+    """One AdamW step from zero state: m = (1-b1) g, v = (1-b2) g^2, bias-corrected to g and
+    g^2, so w <- w (1 - lr wd) - lr g / (|g| + eps) on decayed tensors, and without the first
+    factor on norms and biases."""
+    m = Net()
+    cfg = OptimConfig(name="adamw", lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
+    opt = build_optimizer(m, cfg, CPU)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.99)
+    set_lr(opt, 1e-3)
+    torch.manual_seed(0)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    grads = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    for n, p in m.named_parameters():
+        p.grad = grads[n].clone()
+    opt.step()
+    for n, p in m.named_parameters():
+        decay = 0.05 if n in ("conv.weight", "dw.weight", "fc.weight") else 0.0
+        g = grads[n].double()
+        expect = before[n].double() * (1 - 1e-3 * decay) - 1e-3 * g / (g.abs() + 1e-6)
+        # float32 weights: 2e-7 is a few ulps at 1.0, the update itself is ~1e-3
+        torch.testing.assert_close(p.double(), expect, rtol=0, atol=2e-7, msg=n)
+
+
+def test_decay_groups_equal_timms_on_the_csp_models():
+    """timm's own rule (no decay for 1-D parameters and biases) picks the same tensors as cspx's
+    (conv and linear weights only) on every CSP model cspx trains."""
+    from timm.optim import param_groups_weight_decay
+    from cspx.models import create_model
+    for name in ("cspresnext_tiny", "cspresnext_tiny_gn"):
+        model = create_model(name, num_classes=10)
+        ours = param_groups(model, 0.05)
+        theirs = param_groups_weight_decay(model, 0.05)
+        key = lambda gs, wd: {id(p) for g in gs if g["weight_decay"] == wd for p in g["params"]}
+        assert key(ours, 0.05) == key(theirs, 0.05) and key(ours, 0.0) == key(theirs, 0.0), name
+
+
+def test_head_lr_mult_gives_the_classifier_its_own_groups():
+    m = Net()
+    opt = build_optimizer(m, OptimConfig(lr=0.1, weight_decay=0.01, head_lr_mult=10.0), CPU)
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["decay", "no_decay", "head_decay", "head_no_decay"]
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert ids[2] == {id(m.fc.weight)} and ids[3] == {id(m.fc.bias)}
+    assert id(m.fc.weight) not in ids[0] | ids[1]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0, 0.01, 0.0]
+    set_lr(opt, 0.02)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.02, 0.2, 0.2])
+    # head_lr_mult 1: the two groups of every earlier cspx checkpoint
+    assert len(build_optimizer(m, OptimConfig(), CPU).param_groups) == 2
+
+
+def test_optimizer_state_resumes_the_recipes_settings_and_refuses_another_layout():
+    m = Net()
+    old = build_optimizer(m, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), CPU)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    set_lr(old, 1e-3)
+    old.step()
+    state = old.state_dict()
+    # a forced change of weight decay takes effect; the moments are the checkpoint's
+    new = build_optimizer(m, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.01), CPU)
+    OptimizerState(new).load_state_dict(state)
+    assert new.param_groups[0]["weight_decay"] == 0.01
+    assert torch.equal(new.state[m.conv.weight]["exp_avg"], old.state[m.conv.weight]["exp_avg"])
+    for cfg, what in ((OptimConfig(name="sgd"), "sgd"),
+                      (OptimConfig(name="adamw", head_lr_mult=10.0), "head_decay")):
+        with pytest.raises(CspxError, match=rf"checkpoint: its optimizer \(adamw.*{what}"):
+            OptimizerState(build_optimizer(m, cfg, CPU)).load_state_dict(state)

@@ -295,7 +295,12 @@ def test_checkpoint_of_cspx_0_1_0_resumes_and_evaluates(demo_data, tmp_path):
     assert "resuming from" in r.stderr and "(step 4)" in r.stderr
     new = load(run_dir / "checkpoints" / "last.pt")
     assert new["progress"]["step"] == 8 and new["progress"]["images"] == 8 * 16
-    assert new["config"]["train"] == state["config"]["train"]
+    old_train = state["config"]["train"]
+    assert {k: new["config"]["train"][k] for k in old_train} == old_train
+    # keys cspx 0.1.0 did not have take their defaults: its SGD, darknet poly, no freeze
+    assert new["config"]["train"]["freeze_backbone_steps"] == 0
+    assert (new["config"]["optim"]["name"], new["config"]["sched"]["kind"]) == ("sgd", "poly")
+    assert [g["name"] for g in new["optimizer"]["param_groups"]] == ["decay", "no_decay"]
     assert [m["step"] for m in metrics(str(run_dir))] == [6, 8]
     # the old file itself evaluates with validate.py (its model name and classes are recorded)
     v = run_py(["validate.py", "--checkpoint", old, "--data-dir", demo_data, "--img-size", "32",

@@ -35,10 +35,11 @@ from cspx.data.loader import check_fits
 from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, INTERP, RA_BINS, ra_magnitude_bin
 from cspx.distributed import DistEnv
 from cspx.models import create_model
-from cspx.optim import build_sgd, lr_for, set_lr
+from cspx.optim import build_optimizer, set_lr
 from cspx.placement import memory_format, place_model
 from cspx.resolve import resolve
 from cspx.runlog import MetricsLog
+from cspx.schedule import lr_for
 from cspx.train_loop import Trainer
 
 # keys a benchmark overrides so the trainer only trains: no evaluation, checkpoints or events
@@ -93,7 +94,7 @@ def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str,
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
     place_model(model, device=device, channels_last=cfg.model.channels_last)
-    opt = build_sgd(model, cfg.optim, device)
+    opt = build_optimizer(model, cfg.optim, device)
     env = DistEnv(device=device)
     t = Trainer(cfg=cfg, env=env, model=model, optimizer=opt, train_loader=loader,
                 eval_loader=None,
@@ -121,8 +122,8 @@ def trainer_runner(t: Trainer, device: torch.device, loader=None) -> Runner:
 
 class BareLoop:
     """The peer: a plain loop of forward, backward and optimizer.step, with the trainer's own
-    optimizer (cspx.optim.build_sgd: the same parameter groups and foreach / fused kernels), LR
-    schedule and GradScaler, so only the loop around them differs."""
+    optimizer (cspx.optim.build_optimizer: the same parameter groups and foreach / fused
+    kernels), LR schedule and GradScaler, so only the loop around them differs."""
 
     def __init__(self, cfg: Config, device: torch.device):
         torch.manual_seed(cfg.seed)
@@ -131,7 +132,7 @@ class BareLoop:
         self.model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
         place_model(self.model, device=device, channels_last=cfg.model.channels_last)
         self.model.train()
-        self.opt = build_sgd(self.model, cfg.optim, device)
+        self.opt = build_optimizer(self.model, cfg.optim, device)
         self.precision = precision.of(cfg)
         self.scaler = torch.amp.GradScaler(device.type,
                                            enabled=precision.uses_loss_scaling(self.precision))

@@ -5,6 +5,11 @@ Class k is a shape (circle, square, triangle, ...) in a hue band of its own, dra
 position, size and rotation over a noisy background of random colour, with JPEG artefacts. Shape
 and colour both identify the class, so a small CSP model learns it to > 90% top-1 in minutes on a
 CPU, yet random crops, flips and the JPEG round trip still make it a real training problem.
+
+Other tasks come from the same generator (`scripts/benchmark.py finetune` fine-tunes the demo's
+model on one): `first_shape` picks the shapes (the demo uses the first ten; the rest of SHAPES
+are never in it), and `colour_by_class=False` draws every shape in a random hue, so that only the
+shape tells the class. The demo set's files do not depend on either option.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from cspx.errors import CspxError
 from cspx.files import pid_alive
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star", "hexagon",
-          "chevron", "dots", "stripes")
+          "chevron", "dots", "stripes", "pentagon", "octagon", "arrow", "horseshoe", "ellipse",
+          "hourglass")
 MARKER = ".cspx-synthetic-v1"   # written last: the folder is a complete demo set
 PARTIAL = ".cspx-synthetic-partial"  # in a build folder until it is complete
 TMP_INFIX = ".cspx-tmp-"
@@ -68,26 +74,46 @@ def _draw(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, ro
     elif shape == "stripes":
         for k in range(-2, 3):
             d.line([(cx - r, cy + k * r / 2.5), (cx + r, cy + k * r / 2.5)], fill=fill, width=max(2, int(r / 6)))
+    elif shape == "pentagon":
+        d.polygon(_polygon(cx, cy, r, 5, rot), fill=fill)
+    elif shape == "octagon":
+        d.polygon(_polygon(cx, cy, r, 8, rot), fill=fill)
+    elif shape == "arrow":  # a shaft and a head, pointing in direction rot
+        c, s = math.cos(rot), math.sin(rot)
+        pts = [(-r, -r / 5), (0, -r / 5), (0, -r / 1.5), (r, 0), (0, r / 1.5), (0, r / 5),
+               (-r, r / 5)]
+        d.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=fill)
+    elif shape == "horseshoe":  # a thick ring open towards rot
+        start = math.degrees(rot) + 40
+        d.arc([cx - r, cy - r, cx + r, cy + r], start, start + 280, fill=fill,
+              width=max(2, int(r / 2.5)))
+    elif shape == "ellipse":
+        d.ellipse([cx - r, cy - r / 2.5, cx + r, cy + r / 2.5], fill=fill)
+    elif shape == "hourglass":
+        d.polygon([(cx - r, cy - r), (cx + r, cy - r), (cx - r, cy + r), (cx + r, cy + r)],
+                  fill=fill)
 
 
-def make_image(label: int, num_classes: int, rng: np.random.Generator) -> Image.Image:
+def make_image(label: int, num_classes: int, rng: np.random.Generator, first_shape: int = 0,
+               colour_by_class: bool = True) -> Image.Image:
     w, h = (int(v) for v in rng.integers(72, 112, size=2))
     bg = tuple(int(v) for v in rng.integers(0, 256, size=3))
     noise = rng.normal(0, 18, size=(h, w, 3))
     arr = np.clip(np.array(bg, dtype=np.float64)[None, None] + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     d = ImageDraw.Draw(img)
-    hue = (label / num_classes + rng.uniform(-0.25, 0.25) / num_classes) % 1.0
+    hue = ((label / num_classes + rng.uniform(-0.25, 0.25) / num_classes) % 1.0
+           if colour_by_class else rng.uniform(0.0, 1.0))
     rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
     fill = tuple(int(255 * c) for c in rgb)
     r = rng.uniform(0.25, 0.4) * min(w, h)
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-    _draw(d, SHAPES[label % len(SHAPES)], cx, cy, r, rng.uniform(0, 2 * math.pi), fill)
+    _draw(d, SHAPES[first_shape + label], cx, cy, r, rng.uniform(0, 2 * math.pi), fill)
     return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 0.8))))
 
 
 def generate(root: str, num_classes: int = 10, train_per_class: int = 200, val_per_class: int = 30,
-             seed: int = 0) -> str:
+             seed: int = 0, *, first_shape: int = 0, colour_by_class: bool = True) -> str:
     """Write root/{train,val}/<class>/*.JPEG and root/synsets.txt once; returns root.
 
     Only a folder cspx generated is used or touched: `root` must either not exist yet, or hold a
@@ -105,9 +131,9 @@ def generate(root: str, num_classes: int = 10, train_per_class: int = 200, val_p
             f"nothing in it was touched. With data.synthetic=true, data.root must be a folder "
             f"that does not exist yet (the demo set is generated there); to train on your own "
             f"images set data.synthetic=false")
-    if not 0 < num_classes <= len(SHAPES):
+    if not 0 < num_classes <= len(SHAPES) - first_shape:
         raise CspxError(f"synthetic dataset: {num_classes} classes asked for; it has 1 to "
-                        f"{len(SHAPES)} (one per shape)")
+                        f"{len(SHAPES) - first_shape} (one per shape)")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_builds(root)
@@ -115,7 +141,8 @@ def generate(root: str, num_classes: int = 10, train_per_class: int = 200, val_p
     os.mkdir(tmp)  # fails if it exists: never writes into a folder it did not make
     try:
         open(os.path.join(tmp, PARTIAL), "w").close()
-        _write_set(tmp, num_classes, train_per_class, val_per_class, seed)
+        _write_set(tmp, num_classes, train_per_class, val_per_class, seed, first_shape,
+                   colour_by_class)
         open(os.path.join(tmp, MARKER), "w").close()
         os.remove(os.path.join(tmp, PARTIAL))
         if os.path.lexists(root):  # made meanwhile by another process
@@ -145,16 +172,16 @@ def _remove_stale_builds(root: str) -> None:
 
 
 def _write_set(folder: str, num_classes: int, train_per_class: int, val_per_class: int,
-               seed: int) -> None:
+               seed: int, first_shape: int = 0, colour_by_class: bool = True) -> None:
     rng = np.random.default_rng(seed)
-    names = [f"s{k:02d}_{SHAPES[k]}" for k in range(num_classes)]
+    names = [f"s{first_shape + k:02d}_{SHAPES[first_shape + k]}" for k in range(num_classes)]
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for k, name in enumerate(names):
             watchdog.progress("generating the synthetic dataset")
             sub = os.path.join(folder, split, name)
             os.makedirs(sub)
             for i in range(per_class):
-                img = make_image(k, num_classes, rng)
+                img = make_image(k, num_classes, rng, first_shape, colour_by_class)
                 img.save(os.path.join(sub, f"{name}_{i:05d}.JPEG"), quality=int(rng.integers(75, 95)))
     with open(os.path.join(folder, "synsets.txt"), "w") as f:
         f.writelines(f"{n} synthetic {n.split('_', 1)[1]}\n" for n in names)
