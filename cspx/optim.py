@@ -33,7 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            is_weight = name == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+            is_weight = name == "weight" and isinstance(module, (nn.modules.conv._ConvNd,
+                                                                 nn.Linear))
             group = ("head_" if id(p) in head else "") + ("decay" if is_weight else "no_decay")
             groups[group].append(p)
     out = [{"params": groups["decay"], "weight_decay": weight_decay, "name": "decay"},
@@ -105,7 +106,8 @@ class OptimizerState:
         ours = self.optimizer.param_groups
         theirs = state["param_groups"]
         names = [g.get("name") for g in theirs]
-        kind = lambda groups: "adamw" if "betas" in groups[0] else "sgd"
+        def kind(groups):
+            return "adamw" if "betas" in groups[0] else "sgd"
         if names != [g["name"] for g in ours] or kind(theirs) != kind(ours):
             raise CspxError(
                 f"checkpoint: its optimizer ({kind(theirs)}, parameter groups {names}) does not "

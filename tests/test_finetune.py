@@ -10,7 +10,6 @@ from argparse import Namespace
 
 import pytest
 import torch
-
 from conftest import ROOT
 from test_resume import assert_same_tensors, load
 
@@ -111,8 +110,9 @@ def test_resume_across_the_unfreeze_is_bit_exact(frozen_run, small_imagenet, sto
         a, b = load(work / "ref" / "checkpoints" / "last.pt"), load(run / "checkpoints" / "last.pt")
         assert b["progress"]["step"] == 6
         assert_same_tensors(a, b, "checkpoint")
-        strip = lambda p: [{k: v for k, v in json.loads(x).items()   # all but the clock's
-                            if k not in ("time", "img_per_sec")} for x in open(p)]
+        def strip(path):   # every record and value but the clock's
+            return [{k: v for k, v in json.loads(x).items() if k not in ("time", "img_per_sec")}
+                    for x in open(path)]
         assert strip(run / "metrics.jsonl") == strip(work / "ref" / "metrics.jsonl")
     finally:
         shutil.rmtree(run)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-CPU = torch.device("cpu")
 from cspx.config import OptimConfig
 from cspx.errors import CspxError
 from cspx.optim import OptimizerState, build_optimizer, param_groups, set_lr
+
+CPU = torch.device("cpu")
 
 
 class Net(nn.Module):
@@ -89,12 +90,14 @@ def test_decay_groups_equal_timms_on_the_csp_models():
     """timm's own rule (no decay for 1-D parameters and biases) picks the same tensors as cspx's
     (conv and linear weights only) on every CSP model cspx trains."""
     from timm.optim import param_groups_weight_decay
+
     from cspx.models import create_model
     for name in ("cspresnext_tiny", "cspresnext_tiny_gn"):
         model = create_model(name, num_classes=10)
         ours = param_groups(model, 0.05)
         theirs = param_groups_weight_decay(model, 0.05)
-        key = lambda gs, wd: {id(p) for g in gs if g["weight_decay"] == wd for p in g["params"]}
+        def key(groups, wd):
+            return {id(p) for g in groups if g["weight_decay"] == wd for p in g["params"]}
         assert key(ours, 0.05) == key(theirs, 0.05) and key(ours, 0.0) == key(theirs, 0.0), name
 
 

@@ -69,7 +69,8 @@ def _share(recipe: str, steps: int) -> List[str]:
     cfg = load_config(recipe, ["data.root=.", "model.init_from=."], check_paths=False) \
         if recipe == FINETUNE else load_config(recipe, check_paths=False)
     n = cfg.train.steps
-    scale = lambda k: max(1, round(k * steps / n)) if k else 0
+    def scale(k: int) -> int:
+        return max(1, round(k * steps / n)) if k else 0
     horizon = (1.0 / (1.0 - cfg.ema.decay)) * steps / n   # steps the EMA averages over
     return [f"sched.warmup_steps={scale(cfg.sched.warmup_steps)}",
             f"sched.burn_in={scale(cfg.sched.burn_in)}",
