@@ -95,10 +95,33 @@ class AugConfig:
     # sampling of RandAugment's shear/rotate/translate: nearest is torchvision's default and
     # about 7x cheaper in DALI's CPU warps than bilinear
     randaugment_interpolation: Literal["nearest", "bilinear"] = "nearest"
+    # the per-image augmentation policy (torchvision's ops on both paths): randaugment runs
+    # randaugment_ops ops (0: none, so recipes written before this key keep their meaning);
+    # trivialaugment is TrivialAugment Wide, autoaugment torchvision's ImageNet policy
+    policy: Literal["randaugment", "trivialaugment", "autoaugment", "none"] = "randaugment"
     hue: float = 0.0        # darknet: shift hue by U(-hue, hue) of the colour circle
     saturation: float = 1.0  # darknet: scale saturation by s or 1/s, s ~ U(1, saturation)
     exposure: float = 1.0    # darknet: scale brightness the same way
     rotate: float = 0.0      # degrees, U(-rotate, rotate)
+    # on the device after either loader, per micro-batch (cspx.data.batch_aug), as timm's Mixup:
+    # lambda ~ Beta(alpha, alpha); an alpha of 0 turns that one off
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # CutMix box sides drawn from [min, max] of the image sides instead of from lambda (CutMix is
+    # then on, with alpha 1, as timm forces)
+    cutmix_minmax: Optional[Tuple[float, float]] = None
+    mix_prob: float = 1.0          # chance that a batch (or an image, per elem) is mixed at all
+    mix_switch_prob: float = 0.5   # chance of CutMix rather than mixup when both are on
+    mix_mode: Literal["batch", "elem"] = "batch"  # one lambda per micro-batch, or per image
+    # random erasing (timm's RandomErasing) after normalization, on the device, per image
+    erase_prob: float = 0.0
+    erase_mode: Literal["const", "rand", "pixel"] = "pixel"  # 0 / N(0,1) per box / per pixel
+    erase_count: int = 1           # boxes per erased image: uniform in 1..erase_count
+
+    @property
+    def mixing(self) -> bool:
+        """Whether mixup or CutMix is on (then the loss takes soft targets)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
 
     def __post_init__(self):
         _check(self.img_size >= 8, "img_size", f"must be >= 8, got {self.img_size}")
@@ -114,6 +137,21 @@ class AugConfig:
         _check(self.saturation > 0, "saturation", "must be > 0 (1 disables)")
         _check(self.exposure > 0, "exposure", "must be > 0 (1 disables)")
         _check(0.0 <= self.rotate <= 180.0, "rotate", "must be in [0, 180] degrees")
+        _check(self.randaugment_ops == 0 or self.policy == "randaugment", "randaugment_ops",
+               f"applies to aug.policy randaugment only, and aug.policy is {self.policy}; "
+               f"set aug.randaugment_ops=0")
+        _check(self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0 (0 disables)")
+        _check(self.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0 (0 disables)")
+        if self.cutmix_minmax is not None:
+            lo, hi = self.cutmix_minmax
+            # timm draws each side from randint(int(side * min), int(side * max))
+            _check(0.0 < lo < hi <= 1.0 and int(self.img_size * lo) < int(self.img_size * hi),
+                   "cutmix_minmax", f"must satisfy 0 < min < max <= 1 with int(img_size * min) < "
+                                    f"int(img_size * max), got {list(self.cutmix_minmax)}")
+        _check(0.0 <= self.mix_prob <= 1.0, "mix_prob", "must be in [0, 1]")
+        _check(0.0 <= self.mix_switch_prob <= 1.0, "mix_switch_prob", "must be in [0, 1]")
+        _check(0.0 <= self.erase_prob <= 1.0, "erase_prob", "must be in [0, 1]")
+        _check(1 <= self.erase_count <= 16, "erase_count", "must be in [1, 16]")
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,14 @@ log = logging.getLogger("cspx")
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy against smoothed targets: (1 - e) * one-hot + e / num_classes."""
-    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+def training_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy. Class labels (int64 (N,)): against smoothed targets (1 - e) * one-hot
+    + e / num_classes. Soft targets (float (N, classes), from mixup / CutMix): against them as
+    they are, -sum(t * log_softmax(logits)) (timm's SoftTargetCrossEntropy); they already hold
+    the smoothing (cspx.data.mixup)."""
+    if targets.is_floating_point():
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 class Progress:

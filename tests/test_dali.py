@@ -277,11 +277,11 @@ def test_rebuilt_randaugment_ops_match_dali_and_pil(index, magnitude):
     from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
     from PIL import Image, ImageOps
-    from cspx.data.dali_pipelines import _rand_augment_suite
+    from cspx.data.dali_policies import rand_augment_suite
     from cspx.data.transforms import RA_BINS, ra_magnitude_bin
 
     m = ra_magnitude_bin(magnitude)
-    ours = {op.name: op for op in _rand_augment_suite(m, on_gpu=False)}
+    ours = {op.name: op for op in rand_augment_suite(m, on_gpu=False)}
     dalis = {op.name: op for op in rand_augment.get_rand_augment_suite(use_shape=True)}
     names = ["solarize", "contrast", "sharpness", "equalize"]
     assert all(ours[n] is not dalis[n] for n in names)

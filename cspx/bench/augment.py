@@ -1,7 +1,14 @@
-"""The `augment` benchmark: each RandAugment op's CPU cost per image in DALI (the ops cspx's DALI
-pipeline runs) and in torchvision on PIL (what the torch path's T.RandAugment runs), on the
-same images, one thread each. It explains the CPU loader ratio: an op's cost enters a loader's
-per-image cost with weight n / 14 (n ops drawn from 14 per image)."""
+"""The `augment` benchmark: each augmentation's cost per image on both loaders.
+
+- Per-image policies on the CPU: each RandAugment op, RandAugment with 2 ops, TrivialAugment Wide
+  and AutoAugment's ImageNet policy, in DALI (the ops cspx's DALI pipeline runs) and in
+  torchvision on PIL (what the torch path runs), on the same images, one thread each. It explains
+  the CPU loader ratio: a RandAugment op's cost enters a loader's per-image cost with weight
+  n / 14 (n ops drawn from 14 per image).
+- Batch augmentations on the run's device (--device): mixup, CutMix and random erasing, which run
+  after either loader on the batch it hands out (the same code on the same tensor), so one
+  measurement is the cost on both; the table shows it in both columns.
+"""
 from __future__ import annotations
 
 import os
@@ -15,7 +22,7 @@ import numpy as np
 from cspx.bench.common import alternate, median
 from cspx.data.index import build_index
 from cspx.data.transforms import INTERP, RA_BINS, ra_magnitude_bin
-from cspx.bench.steps import bench_config
+from cspx.bench.steps import bench_config, device_of
 
 # DALI suite name -> torchvision op name (torchvision.transforms.RandAugment's op list)
 TV_NAMES = {"translate_x": "TranslateX", "translate_y": "TranslateY", "shear_x": "ShearX",
@@ -96,12 +103,17 @@ def _dali_extras():
 
 def _torch_runner(pil_images, name: str, m: int, interp, size: int):
     """Seconds per image of torchvision's op at bin m (random sign for signed ops), as
-    T.RandAugment applies it ('randaugment': T.RandAugment itself, 2 ops)."""
+    T.RandAugment applies it ('randaugment': T.RandAugment itself, 2 ops; 'trivialaugment',
+    'autoaugment': T.TrivialAugmentWide and T.AutoAugment's ImageNet policy)."""
     from torchvision import transforms as T
     from torchvision.transforms import autoaugment as A
     if name == "randaugment":
         apply = T.RandAugment(num_ops=2, magnitude=m, num_magnitude_bins=RA_BINS,
                               interpolation=interp, fill=[0, 0, 0])
+    elif name == "trivialaugment":
+        apply = T.TrivialAugmentWide(num_magnitude_bins=31, interpolation=interp)
+    elif name == "autoaugment":
+        apply = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interp)
     else:
         mags, signed = T.RandAugment()._augmentation_space(RA_BINS, (size, size))[name]
         mag = float(mags[m]) if mags.ndim > 0 else 0.0
@@ -120,16 +132,21 @@ def _torch_runner(pil_images, name: str, m: int, interp, size: int):
 
 def augment(args: Namespace) -> Tuple[List[Dict], Dict]:
     from PIL import Image
-    from cspx.data.dali_pipelines import INTERP as DALI_INTERP, _rand_augment_suite
+    from cspx.data.dali_pipelines import INTERP as DALI_INTERP
+    from cspx.data.dali_policies import rand_augment_suite
     cfg = bench_config(args)
     m = ra_magnitude_bin(cfg.aug.randaugment_magnitude)
     mode = cfg.aug.randaugment_interpolation
     images = _images(args, args.batch)
     pil = [Image.fromarray(a) for a in images]
-    suite = _rand_augment_suite(m, on_gpu=False)
+    suite = rand_augment_suite(m, on_gpu=False)
     # (row name, DALI op or the whole suite, base, torchvision op name or None)
     contenders = [(op.name, op, None, TV_NAMES[op.name]) for op in suite]
     contenders.append(("RandAugment, 2 ops", suite, None, "randaugment"))
+    for row, policy in (("TrivialAugment Wide", "trivialaugment"),
+                        ("AutoAugment, ImageNet policy", "autoaugment")):
+        contenders.append((row, _policy_op(policy, args.img_size, DALI_INTERP[mode]), None,
+                           policy))
     contenders += _dali_extras()
     runs = {}
     for row, dali_op, base, tv in contenders:
@@ -145,6 +162,59 @@ def augment(args: Namespace) -> Tuple[List[Dict], Dict]:
         # identity costs nothing in either: its difference is timing noise, and so is its ratio
         rows.append({"op": row, "DALI ms/img": d, "torchvision ms/img": "-" if t is None else t,
                      "DALI / torchvision": d / t if t is not None and min(d, t) > 0.01 else "-"})
+    device = device_of(args)
+    batch_res = alternate(_batch_runners(cfg, args, device), args.rounds)
+    for row, ts in batch_res.items():
+        t = median(ts) * 1e3
+        rows.append({"op": row, "DALI ms/img": t, "torchvision ms/img": t,
+                     "DALI / torchvision": "-"})
     raw = {f"{row} | {lib}": v for (row, lib), v in res.items()}  # JSON keys are strings
+    raw.update({f"{row} | {device.type}": v for row, v in batch_res.items()})
     return rows, {"magnitude_bin": m, "interpolation": mode, "images": len(images),
-                  "raw": raw}
+                  "batch_device": str(device), "raw": raw}
+
+
+def _policy_op(policy: str, size: int, interp):
+    """A whole aug.policy as the DALI pipeline applies it, as a function of a DALI node."""
+    from cspx.data.dali_policies import apply_policy
+    return lambda x: apply_policy(x, policy, 0, 0, size, interp, on_gpu=False)
+
+
+# the batch augmentations measured, as recipe overrides (probability 1: the cost of one mixed or
+# erased image; with a probability p a batch costs p times that on average)
+BATCH_ROWS = (
+    ("mixup, alpha 0.2 (batch)", ["aug.mixup_alpha=0.2"]),
+    ("CutMix, alpha 1 (batch)", ["aug.cutmix_alpha=1.0"]),
+    ("mixup + CutMix per image (elem)", ["aug.mixup_alpha=0.8", "aug.cutmix_alpha=1.0",
+                                         "aug.mix_mode=elem"]),
+    ("random erasing, pixel", ["aug.erase_prob=1.0", "aug.erase_mode=pixel"]),
+    ("random erasing, rand", ["aug.erase_prob=1.0", "aug.erase_mode=rand"]),
+    ("random erasing, const", ["aug.erase_prob=1.0", "aug.erase_mode=const"]),
+)
+
+
+def _batch_runners(cfg, args: Namespace, device) -> Dict[str, object]:
+    """Seconds per image of each batch augmentation on `device`, on a batch as the loaders hand
+    it out (the run's dtype and memory format), device work included."""
+    import torch
+    from cspx import precision
+    from cspx.bench.common import seconds
+    from cspx.data.batch_aug import BatchAugment
+    dtype = precision.loader_dtype(precision.of(cfg), device)
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device).to(
+        dtype).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    off = ["aug.mixup_alpha=0", "aug.cutmix_alpha=0", "aug.cutmix_minmax=null",
+           "aug.erase_prob=0"]
+    runs = {}
+    for row, keys in BATCH_ROWS:
+        stage = BatchAugment(aug=bench_config(args, *off, *keys).aug, num_classes=1000,
+                             label_smoothing=0.1, device=device, seed=0, rank=0)
+        stage(x, y)  # warm-up (allocations, first kernels)
+
+        def run(stage=stage) -> float:
+            return seconds(lambda: [stage(x, y) for _ in range(args.steps)],
+                           device) / (args.steps * args.batch)
+        runs[row] = run
+    return runs

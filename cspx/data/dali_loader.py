@@ -202,6 +202,10 @@ class DaliTrainLoader(CountedPosition):
             ra_ops=aug.randaugment_ops, ra_magnitude=aug.randaugment_magnitude,
             ra_interpolation=aug.randaugment_interpolation,
             dtype_name=DTYPES[dtype], channels_last=channels_last)
+        if aug.policy in ("trivialaugment", "autoaugment"):
+            # only then: graphs with RandAugment or no policy keep the signature (below) that
+            # checkpoints of cspx before aug.policy recorded, and so resume from them
+            self.params["policy"] = aug.policy
         self.aug_seed = sample_seed(seed, -2, rank) & 0x7FFFFFFF  # augmentation differs by rank
         # what a checkpoint depends on: the samples (a folder's file list's name hashes them, a
         # shard split's fingerprint), the order, the graph and the seeds; not where the data

@@ -5,10 +5,11 @@ formats: a folder's file list read by fn.readers.file, or a sharded dataset's sa
 cspx (dali_sources) through fn.external_source. The operators after it are the same.
 
 Training mirrors `transforms.TrainTransform`: random-resized-crop (fused with decoding) -> rotate
--> colour jitter -> RandAugment -> flip + normalize. The flip is applied last, by
-crop_mirror_normalize's `mirror`, instead of between rotate and colour jitter: every later op is
-either flip-equivariant (colour, posterize, ...) or draws a sign-symmetric parameter (rotate,
-shear, translate), so the distribution of augmented images is the same.
+-> colour jitter -> policy (RandAugment, TrivialAugment or AutoAugment) -> flip + normalize.
+The flip is applied last, by crop_mirror_normalize's `mirror`, instead of between rotate and
+colour jitter: every later op is either flip-equivariant (colour, posterize, ...) or draws a
+sign-symmetric parameter (rotate, shear, translate), so the distribution of augmented images is
+the same.
 
 Differences from the torch path, by design or because DALI computes them differently:
 - Colour jitter uses `fn.hsv`, which DALI computes as one linear map in RGB (via YIQ):
@@ -24,6 +25,7 @@ Differences from the torch path, by design or because DALI computes them differe
   255); equalize follows OpenCV rather than PIL; sharpness also filters the 1 px border that PIL
   leaves unchanged. Geometric ops sample as aug.randaugment_interpolation says, nearest
   (torchvision's RandAugment default) or bilinear; DALI's CPU warps are about 7x faster nearest.
+  TrivialAugment and AutoAugment: see dali_policies.
 - Resizing is DALI's antialiased resampling, not PIL's (see docs/dali.md).
 """
 from __future__ import annotations
@@ -33,12 +35,11 @@ from typing import Any, Dict, Sequence
 import numpy as np
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 
-from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RA_BINS, ra_magnitude_bin
+from cspx.data.dali_policies import apply_policy
+from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ra_magnitude_bin
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
           "nearest": types.INTERP_NN}
-# torchvision's RandAugment translates by up to 150/331 of the image side (DALI defaults 100/224)
-RA_MAX_TRANSLATE_REL = 150.0 / 331.0
 # nvJPEG buffers preallocated per decoder thread, in bytes, sized for ImageNet JPEGs (median
 # about 110 KB, 400 x 350 px): DALI preallocates two pinned host buffers of HOST_MEMORY_PADDING
 # and one device buffer of DEVICE_MEMORY_PADDING per thread. 8 MiB of pinned memory holds the
@@ -53,7 +54,6 @@ HOST_MEMORY_PADDING = 8 << 20
 
 MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]  # DALI normalizes uint8 0..255 values
 STD_255 = [255.0 * s for s in IMAGENET_STD]
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # PIL's L = 0.299 R + 0.587 G + 0.114 B
 
 
 def out_dtype(dtype_name: str):
@@ -96,7 +96,7 @@ def train_pipeline(reader: Dict[str, Any], mixed: bool, hw_decoder_load: float, 
                    scale: Sequence[float], ratio: Sequence[float], interpolation: str,
                    hflip: float, rotate: float, hue: float, saturation: float, exposure: float,
                    ra_ops: int, ra_magnitude: float, ra_interpolation: str, dtype_name: str,
-                   channels_last: bool):
+                   channels_last: bool, policy: str = "randaugment"):
     jpegs, labels = _read(reader, train=True)
     # adjust_orientation=False: PIL (the torch path, timm) ignores EXIF orientation too
     dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False,
@@ -121,65 +121,14 @@ def train_pipeline(reader: Dict[str, Any], mixed: bool, hw_decoder_load: float, 
         if exposure != 1.0:
             jitter["value"] = _darknet_scale(exposure)
         images = fn.hsv(images, **jitter)
-    if ra_ops > 0:
-        from nvidia.dali.auto_aug import rand_augment
-        m = ra_magnitude_bin(ra_magnitude)
-        images = rand_augment.apply_rand_augment(
-            _rand_augment_suite(m, mixed), images, n=ra_ops, m=m, num_magnitude_bins=RA_BINS,
-            shape=[img_size, img_size],
-            fill_value=0,  # torchvision's RandAugment fills with black too
-            interp_type=INTERP[ra_interpolation])
+    # aug.policy (dali_policies): torchvision's ops and ranges, black fill as torchvision's
+    images = apply_policy(images, policy, ra_ops, ra_magnitude_bin(ra_magnitude), img_size,
+                          INTERP[ra_interpolation], on_gpu=mixed)
     mirror = fn.random.coin_flip(probability=hflip) if hflip > 0 else 0
     images = fn.crop_mirror_normalize(images, mirror=mirror, mean=MEAN_255, std=STD_255,
                                       dtype=out_dtype(dtype_name),
                                       output_layout="HWC" if channels_last else "CHW")
     return images, labels
-
-
-def _rand_augment_suite(magnitude_bin: int, on_gpu: bool):
-    """DALI's RandAugment suite (torchvision's ops and ranges, translate as a fraction of the
-    side), with four ops built differently; each gives the same pixels as DALI's own:
-    - sharpness, equalize: on fn.filter / fn.equalize; DALI's suite still calls their deprecated
-      fn.experimental aliases, which warn on every pipeline build.
-    - solarize: with `m` fixed the threshold is one constant, so it is a 256-entry lookup table,
-      one pass over uint8; DALI's suite builds it from three arithmetic passes and a cast.
-    - contrast (CPU): fn.contrast with the mean-luma centre, one uint8 pass; DALI's suite (which a
-      GPU pipeline keeps: a GPU centre cannot be a named argument) computes it in float and
-      casts back, and DALI's CPU float -> uint8 cast alone costs about 0.8 ms per 224 px image.
-    On CPU these cut solarize from 0.50 to 0.06 ms and contrast from 1.3 to 0.15 ms per image."""
-    from nvidia.dali.auto_aug import augmentations as aa, rand_augment
-    from nvidia.dali.auto_aug.core import augmentation
-
-    @augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=aa.sharpness_kernel,
-                  param_device="auto")
-    def sharpness(data, kernel):
-        return fn.filter(data, kernel)
-
-    @augmentation
-    def equalize(data, _):
-        return fn.equalize(data)
-
-    # DALI's solarize: pixels below the bin's threshold stay, the rest become 255 - v
-    threshold = float(np.linspace(*aa.solarize.mag_range, RA_BINS)[magnitude_bin])
-    table = [v if v < threshold else 255 - v for v in range(256)]
-
-    @augmentation
-    def solarize(data, _):
-        return fn.lookup_table(data, keys=list(range(256)), values=table, dtype=types.UINT8)
-
-    @augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=aa.shift_enhance_range)
-    def contrast(data, factor):
-        # PIL's contrast centre: the image's mean luma (ITU-R 601 weights), one float per image
-        mean = fn.reductions.mean(data, axis_names="HW")  # (3,) per-channel means
-        center = fn.reductions.sum(mean * types.Constant(LUMA), axis_names="C")
-        return fn.contrast(data, contrast=factor, contrast_center=center)
-
-    own = {"sharpness": sharpness, "equalize": equalize, "solarize": solarize}
-    if not on_gpu:
-        own["contrast"] = contrast
-    suite = rand_augment.get_rand_augment_suite(use_shape=True,
-                                                max_translate_rel=RA_MAX_TRANSLATE_REL)
-    return [own.get(op.name, op) for op in suite]
 
 
 @pipeline_def

@@ -97,8 +97,25 @@ def _darknet_scale(s: float) -> float:
     return u if _rand() < 0.5 else 1.0 / u
 
 
+def policy_transform(aug: AugConfig):
+    """aug.policy as torchvision's transform, or None: RandAugment (randaugment_ops ops at
+    randaugment_magnitude, 31 bins), TrivialAugmentWide (31 bins) or AutoAugment's ImageNet
+    policy (10 bins); geometric ops sample as aug.randaugment_interpolation says, and fill with
+    black (torchvision's default on PIL images)."""
+    interp = INTERP[aug.randaugment_interpolation]
+    if aug.policy == "randaugment" and aug.randaugment_ops > 0:
+        return T.RandAugment(num_ops=aug.randaugment_ops,
+                             magnitude=ra_magnitude_bin(aug.randaugment_magnitude),
+                             num_magnitude_bins=RA_BINS, interpolation=interp)
+    if aug.policy == "trivialaugment":
+        return T.TrivialAugmentWide(num_magnitude_bins=31, interpolation=interp)
+    if aug.policy == "autoaugment":
+        return T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interp)
+    return None
+
+
 class TrainTransform:
-    """random-resized-crop -> rotate -> flip -> darknet colour jitter -> RandAugment -> uint8.
+    """random-resized-crop -> rotate -> flip -> darknet colour jitter -> policy -> uint8.
 
     Call it inside `seeded(sample_seed(...))`; every random draw comes from torch's generator.
     """
@@ -108,11 +125,7 @@ class TrainTransform:
         interp = INTERP[aug.interpolation]
         self.rrc = T.RandomResizedCrop(aug.img_size, scale=aug.scale, ratio=aug.ratio,
                                        interpolation=interp)
-        self.ra = (T.RandAugment(num_ops=aug.randaugment_ops,
-                                 magnitude=ra_magnitude_bin(aug.randaugment_magnitude),
-                                 num_magnitude_bins=RA_BINS,
-                                 interpolation=INTERP[aug.randaugment_interpolation])
-                   if aug.randaugment_ops > 0 else None)
+        self.policy = policy_transform(aug)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         a = self.aug
@@ -128,14 +141,21 @@ class TrainTransform:
             img = F.adjust_saturation(img, _darknet_scale(a.saturation))
         if a.exposure != 1.0:
             img = F.adjust_brightness(img, _darknet_scale(a.exposure))
-        if self.ra is not None:
-            img = self.ra(img)
+        if self.policy is not None:
+            img = self.policy(img)
         return to_uint8_chw(img)
 
 
 def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32, as ToTensor + Normalize compute it. mean/std: (3, 1, 1)."""
     return x.float().div_(255).sub_(mean).div_(std)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC-strided batch, else contiguous: what a new batch made from `x`
+    keeps, so the model gets the layout it asked its loader for."""
+    return (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
 
 
 def mean_std(device: torch.device):
