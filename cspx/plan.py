@@ -51,6 +51,28 @@ def _lr_lines(cfg: Config):
         yield f"  {label:<13} step {step:>11,}  {lr:<12.6g} {head}{name}"
 
 
+def describe_aug(cfg: Config) -> str:
+    """One line: the policy and the batch augmentations, as they will run."""
+    a = cfg.aug
+    policy = {"trivialaugment": "TrivialAugment Wide", "autoaugment": "AutoAugment (ImageNet)",
+              "none": "no policy"}.get(a.policy)
+    if policy is None:
+        policy = (f"RandAugment {a.randaugment_ops} ops, magnitude {a.randaugment_magnitude:g}"
+                  if a.randaugment_ops else "no policy")
+    parts = [f"{a.img_size} px crop, flip {a.hflip:g}, {policy}"]
+    if a.erase_prob:
+        parts.append(f"random erasing p {a.erase_prob:g} ({a.erase_mode}, up to "
+                     f"{a.erase_count} box{'es' * (a.erase_count > 1)})")
+    if a.mixing:
+        kinds = [f"mixup {a.mixup_alpha:g}" if a.mixup_alpha else "",
+                 ("CutMix " + (f"sides {list(a.cutmix_minmax)}" if a.cutmix_minmax
+                               else f"{a.cutmix_alpha:g}")) if a.cutmix_alpha or a.cutmix_minmax
+                 else ""]
+        parts.append(f"{' / '.join(k for k in kinds if k)} per {a.mix_mode}, p {a.mix_prob:g}"
+                     f", soft targets (smoothing {cfg.train.label_smoothing:g})")
+    return "; ".join(parts)
+
+
 def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSplit,
                   world: int, micro: int) -> str:
     t = cfg.train
@@ -66,6 +88,7 @@ def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSpli
         f"{cfg.data.loader} loader",
         f"  batch         {t.batch_size} images per step = {world} rank(s) x {t.accum_steps} "
         f"accumulation x {micro} per forward pass; precision {t.precision}",
+        f"  augment       {describe_aug(cfg)}",
         f"  steps         {t.steps:,} optimizer steps = {images / len(train):,.2f} epochs, "
         f"{images:,} images seen",
         f"  optimizer     {_optimizer(cfg)}",

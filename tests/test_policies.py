@@ -188,3 +188,20 @@ def test_dali_policy_batches_resume_exactly(sample_dir, tmp_path, policy):
                             file_list_dir=str(tmp_path))
     assert plain.signature != c.signature  # a checkpoint of one graph never resumes the other
     plain.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["trivialaugment", "autoaugment"])
+def test_gpu_dali_policies_run_on_the_device(sample_dir, tmp_path, policy):
+    """The GPU graph (nvJPEG decode, policy on the device; DALI's contrast there) hands out
+    float16 channels_last batches."""
+    from cspx.data.dali_loader import DaliTrainLoader
+    index = build_index(os.path.join(sample_dir, "val"), warn=False)
+    dev = torch.device("cuda", 0)
+    loader = DaliTrainLoader(index, AugConfig(img_size=64, policy=policy), 0, 16, 0, 1, 2, dev,
+                             True, dtype=torch.float16, file_list_dir=str(tmp_path))
+    for _ in range(3):
+        x, y = next(loader)
+    loader.close()
+    assert x.shape == (16, 3, 64, 64) and x.dtype == torch.float16 and x.is_cuda
+    assert x.is_contiguous(memory_format=torch.channels_last) and y.is_cuda
