@@ -1,12 +1,12 @@
 """Stage 2 of a training run, the loop: optimizer steps, logging, evaluation and checkpoints, one
 path for every precision, device and world size.
 
-The parts a checkpoint holds (model, optimizer, GradScaler, EMA, progress; per rank the RNGs
-and the loader) each expose state_dict()/load_state_dict() and register once with the
-`cspx.checkpoint.Checkpointer`, which decides after every step whether a checkpoint is due (as
-torchtitan's trainer asks its checkpointer). The hot loop never reads a device value back to
-the host: the loss is summed on the device and read every `run.log_every_steps` steps, and the
-stop vote is a host-side collective.
+The parts a checkpoint holds (model, optimizer, GradScaler, EMA, progress; per rank the RNGs,
+the loader and the batch augmentation's generators) each expose state_dict()/load_state_dict()
+and register once with the `cspx.checkpoint.Checkpointer`, which decides after every step
+whether a checkpoint is due (as torchtitan's trainer asks its checkpointer). The hot loop never
+reads a device value back to the host: the loss is summed on the device and read every
+`run.log_every_steps` steps, and the stop vote is a host-side collective.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cspx import precision, watchdog
 from cspx.checkpoint import Checkpointer
 from cspx.config import Config
+from cspx.data.batch_aug import BatchAugment
 from cspx.data.loader import EvalLoader, TrainLoader
 from cspx.distributed import DistEnv, StopVote, broadcast_buffers
 from cspx.ema import ModelEma
@@ -43,7 +44,8 @@ log = logging.getLogger("cspx")
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def training_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def training_loss(logits: torch.Tensor, targets: torch.Tensor,
+                  label_smoothing: float) -> torch.Tensor:
     """Mean cross-entropy. Class labels (int64 (N,)): against smoothed targets (1 - e) * one-hot
     + e / num_classes. Soft targets (float (N, classes), from mixup / CutMix): against them as
     they are, -sum(t * log_softmax(logits)) (timm's SoftTargetCrossEntropy); they already hold
@@ -104,6 +106,11 @@ class Trainer:
         self.metrics, self.ckpt = metrics, ckpt
         self.progress = Progress(env.device, train_loader)
         self.rng = RngState(env.device)
+        # random erasing and mixup / CutMix on each micro-batch, after either loader; label
+        # smoothing goes into the soft targets when mixing, else into the loss (training_loss)
+        self.batch_aug = BatchAugment(aug=cfg.aug, num_classes=cfg.model.num_classes,
+                                      label_smoothing=cfg.train.label_smoothing,
+                                      device=env.device, seed=cfg.seed, rank=env.rank)
         self.preemption = Preemption()
         self.vote = StopVote(env)
         steps = cfg.train.freeze_backbone_steps
@@ -116,7 +123,8 @@ class Trainer:
         # the optimizer's state from a checkpoint, its settings from the recipe (OptimizerState)
         ckpt.register(shared={"model": model, "optimizer": OptimizerState(optimizer),
                               "scaler": self.scaler, "ema": self.ema, "progress": self.progress},
-                      per_rank={"rng": self.rng, "loader": train_loader})
+                      per_rank={"rng": self.rng, "loader": train_loader,
+                                "batch_aug": self.batch_aug})
 
     # ----- setup ------------------------------------------------------------------------------
     def wrap(self, compile_backend: Optional[str] = None) -> None:
@@ -170,7 +178,7 @@ class Trainer:
         set_lr(self.optimizer, lr_for(self.cfg, p.step))
         for micro in range(t.accum_steps):
             p.micro_step = micro
-            images, labels = self._next_batch()
+            images, targets = self._next_batch()  # labels, or soft targets when mixing
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = micro == t.accum_steps - 1 or not self.env.distributed
             with nullcontext() if sync else self.forward_model.no_sync():
@@ -178,7 +186,7 @@ class Trainer:
                     torch.compiler.cudagraph_mark_step_begin()
                 with precision.autocast(self.precision, self.env.device):
                     logits = self.forward_model(images)
-                    loss = training_loss(logits, labels, t.label_smoothing)
+                    loss = training_loss(logits, targets, t.label_smoothing)
                 self.scaler.scale(loss / t.accum_steps).backward()
             p.loss_sum += loss.detach()
         p.micro_step = 0
@@ -195,15 +203,17 @@ class Trainer:
         p.images += t.batch_size
 
     def _next_batch(self):
+        """The next micro-batch, through the batch augmentation: (images, labels or targets)."""
         if self._pending is not None:
             batch, self._pending = self._pending, None
             return batch
-        return next(self.loader)
+        return self.batch_aug(*next(self.loader))
 
     def _log_image_grid(self) -> None:
-        """Show the first augmented training images in TensorBoard (a fresh run's step 0)."""
+        """Show the first training images as the model sees them (every augmentation, mixing
+        included) in TensorBoard (a fresh run's step 0)."""
         from cspx.data.transforms import mean_std
-        self._pending = next(self.loader)
+        self._pending = self._next_batch()
         x = self._pending[0][:16].float()
         mean, std = mean_std(x.device)
         self.metrics.image_grid("train/augmented_inputs", (x * std + mean).clamp(0, 1).cpu(), 0)

@@ -6,7 +6,7 @@ Layout (FORMAT "cspx-checkpoint", FORMAT_VERSION 1): only tensors and plain Pyth
 `torch.load(weights_only=True)` reads it back.
   format, format_version
   model, optimizer, scaler, ema (None without EMA), progress   shared by all ranks (rank 0's)
-  world_size, ranks[r] = {"rng": ..., "loader": ...}          every rank's own, gathered
+  world_size, ranks[r] = {"rng": ..., "loader": ..., "batch_aug": ...}   every rank's own
   config, config_hash, data_fingerprint, model_name, num_classes, classes, cspx_version,
   git_commit, run_id                                           what the run is (the meta)
 """
@@ -26,8 +26,11 @@ log = logging.getLogger("cspx")
 FORMAT = "cspx-checkpoint"
 FORMAT_VERSION = 1
 SHARED = ("model", "optimizer", "scaler", "ema", "progress")
-PER_RANK = ("rng", "loader")
+PER_RANK = ("rng", "loader", "batch_aug")
 PORTABLE = ("loader",)  # per-rank parts offered rank 0's state on another world size
+# per-rank parts added within FORMAT_VERSION 1: checkpoints written before them (cspx 0.1.0's)
+# lack them, and a run resumed from one starts them from their per-rank seeds, as a fresh run
+LATER_PER_RANK = ("batch_aug",)
 
 
 class Part(Protocol):
@@ -75,9 +78,10 @@ class Parts:
                 force: bool = False) -> List[str]:
         """Load every part from `state`. On another world size only the portable per-rank
         parts get rank 0's state (and decide themselves whether they can follow it); the RNGs
-        start afresh. A per-rank part that cannot take its state (a loader of another kind or
-        graph) stops the resume, or with `force` starts afresh with a warning. Returns the
-        shared parts the checkpoint does not hold."""
+        and the batch augmentation start afresh, from their per-rank seeds, as does a part of
+        LATER_PER_RANK that an older checkpoint lacks. A per-rank part that cannot take its
+        state (a loader of another kind or graph) stops the resume, or with `force` starts
+        afresh with a warning. Returns the shared parts the checkpoint does not hold."""
         missing = []
         for k in SHARED:
             part = self.shared[k]
@@ -90,8 +94,11 @@ class Parts:
         for k in PER_RANK:
             if not same_world and k not in PORTABLE:
                 continue
+            own = state["ranks"][env.rank if same_world else 0]
+            if k not in own and k in LATER_PER_RANK:
+                continue
             try:
-                self.per_rank[k].load_state_dict(state["ranks"][env.rank if same_world else 0][k])
+                self.per_rank[k].load_state_dict(own[k])
             except CspxError as e:
                 if not force:
                     raise CspxError(f"{e}; pass --resume-force to continue with the {k} "
