@@ -25,27 +25,36 @@ def bench_args(**over):
     return Namespace(**{**a, **over})
 
 
-def test_augment_mode_times_every_randaugment_op(sample_dir, tmp_path):
+def test_augment_mode_times_every_augmentation(sample_dir, tmp_path):
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "aug.json"
     r = run_py(["scripts/benchmark.py", "augment", "--data", os.path.join(sample_dir, "val"),
-                "--batch", "8", "--rounds", "1", "--json", str(out)])
+                "--batch", "8", "--rounds", "1", "--device", "cpu", "--json", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     ops = [row["op"] for row in res["rows"]]
-    # torchvision's RandAugment op list, in DALI's names, then the whole RandAugment, then the
-    # rows behind docs figures: DALI's own versions of the two rebuilt ops, and the cast alone
+    # torchvision's RandAugment op list, in DALI's names, then the whole RandAugment and the
+    # other two policies, then the rows behind docs figures: DALI's own versions of the two
+    # rebuilt ops, and the cast alone; then the batch augmentations after either loader
     assert ops == ["translate_x", "translate_y", "shear_x", "shear_y", "rotate", "brightness",
                    "contrast", "color", "sharpness", "posterize", "solarize", "equalize",
-                   "auto_contrast", "identity", "RandAugment, 2 ops", "contrast (DALI's own op)",
-                   "solarize (DALI's own op)", "float -> uint8 cast"]
+                   "auto_contrast", "identity", "RandAugment, 2 ops", "TrivialAugment Wide",
+                   "AutoAugment, ImageNet policy", "contrast (DALI's own op)",
+                   "solarize (DALI's own op)", "float -> uint8 cast",
+                   "mixup, alpha 0.2 (batch)", "CutMix, alpha 1 (batch)",
+                   "mixup + CutMix per image (elem)", "random erasing, pixel",
+                   "random erasing, rand", "random erasing, const"]
     assert res["magnitude_bin"] == 21 and res["interpolation"] == "nearest"  # the recipe's
     assert res["complete"] is True
     for row in res["rows"]:
         assert math.isfinite(row["DALI ms/img"])
         assert row["op"] == "float -> uint8 cast" or math.isfinite(row["torchvision ms/img"])
-    whole = res["rows"][14]
-    assert whole["DALI ms/img"] > 0 and whole["torchvision ms/img"] > 0
+    for whole in res["rows"][14:17]:  # the three policies
+        assert whole["DALI ms/img"] > 0 and whole["torchvision ms/img"] > 0
+    for row in res["rows"][20:]:  # one measurement on the device serves both loaders
+        assert row["DALI ms/img"] == row["torchvision ms/img"] > 0
+        assert row["DALI / torchvision"] == "-"
+    assert res["batch_device"] == "cpu"
     assert "RandAugment, 2 ops" in r.stdout  # the printed table
 
 
