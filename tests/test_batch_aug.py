@@ -4,6 +4,7 @@ statistics against timm's RandomErasing, and the stage's checkpointed random sta
 from __future__ import annotations
 
 import io
+import os
 import random
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_random_erasing_fills_normal_values_per_box_or_pixel(mode):
         assert min(spread) > 0.3
 
 
-# ----- the stage -----------------------------------------------------------------------------------
+# ----- the stage ----------------------------------------------------------------------------------
 def every_option(**kw):
     return AugConfig(img_size=16, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.9,
                      mix_mode="elem", erase_prob=0.5, erase_mode="pixel", erase_count=2, **kw)
@@ -181,6 +182,50 @@ def test_state_round_trip_continues_the_same_draws():
     d = BatchAugment(aug=every_option(), num_classes=8, label_smoothing=0.1,
                      device=torch.device("cpu"), seed=0, rank=0)
     assert not torch.equal(c(x, y)[0], d(x, y)[0])
+
+
+def test_stage_is_a_per_rank_checkpoint_part(tmp_path):
+    """The stage registers as the per-rank part `batch_aug` of the checkpoint layout. Restored
+    on the same world size it continues the draws; on another world size, and from a checkpoint
+    written before the part existed (cspx 0.1.0's, tests/data), it starts from its per-rank
+    seed, as a fresh run's stage does, while the other parts are restored."""
+    from cspx.bench.fixed import FixedBatchLoader
+    from cspx.checkpoint import SHARED, Parts, load
+    from cspx.distributed import DistEnv
+    from cspx.rng import RngState
+    old = load(os.path.join(os.path.dirname(__file__), "data", "demo_tiny_step4_v0.1.0.pt"))
+    assert old["ranks"][0].keys() == {"rng", "loader"}  # as cspx 0.1.0 wrote them
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
+    env = DistEnv()
+
+    def run():
+        stage = BatchAugment(aug=every_option(), num_classes=8, label_smoothing=0.1,
+                             device=torch.device("cpu"), seed=0, rank=0)
+        loader = FixedBatchLoader(images=x, labels=y)
+        return stage, loader, Parts(shared={k: None for k in SHARED},
+                                    per_rank={"rng": RngState(env.device), "loader": loader,
+                                              "batch_aug": stage})
+    global_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        a, loader_a, parts = run()
+        for _ in range(3):
+            a(*next(loader_a))
+        state = parts.snapshot(env, {})
+        following = a(x, y)[0]
+        seeded = run()[0](x, y)[0]
+        assert not torch.equal(following, seeded)
+        for same_world, drop, expect in ((True, False, following), (False, False, seeded),
+                                         (True, True, seeded)):
+            ranks = [{k: v for k, v in r.items() if not (drop and k == "batch_aug")}
+                     for r in state["ranks"]]
+            b, loader_b, parts = run()
+            assert parts.restore({**state, "ranks": ranks}, env, same_world=same_world) == []
+            assert loader_b.consumed == 3  # the loader is restored in every case
+            assert torch.equal(b(x, y)[0], expect), (same_world, drop)
+    finally:
+        torch.set_rng_state(global_rng[0])
+        np.random.set_state(global_rng[1])
+        random.setstate(global_rng[2])
 
 
 def test_stage_off_passes_the_batch_through_and_spares_the_global_generators():

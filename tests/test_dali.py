@@ -277,6 +277,7 @@ def test_rebuilt_randaugment_ops_match_dali_and_pil(index, magnitude):
     from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
     from PIL import Image, ImageOps
+
     from cspx.data.dali_policies import rand_augment_suite
     from cspx.data.transforms import RA_BINS, ra_magnitude_bin
 

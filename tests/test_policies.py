@@ -140,7 +140,8 @@ def test_torch_path_runs_torchvisions_policies():
     assert aa.interpolation == T.InterpolationMode.BILINEAR
     ra = policy_transform(AugConfig(randaugment_ops=2))
     assert isinstance(ra, T.RandAugment) and (ra.num_ops, ra.magnitude) == (2, 21)
-    assert policy_transform(AugConfig()) is None and policy_transform(AugConfig(policy="none")) is None
+    assert policy_transform(AugConfig()) is None
+    assert policy_transform(AugConfig(policy="none")) is None
     assert TrainTransform(AugConfig(policy="autoaugment")).policy is not None
 
 
@@ -169,7 +170,8 @@ def test_dali_policy_batches_resume_exactly(sample_dir, tmp_path, policy):
     aug = AugConfig(img_size=40, policy=policy)
 
     def loader():
-        return DaliTrainLoader(index, aug, 0, 16, 0, 1, 1, CPU, False,
+        return DaliTrainLoader(split=index, aug=aug, seed=0, micro_batch=8, rank=0, world=1,
+                               workers=1, device=CPU, channels_last=False,
                                file_list_dir=str(tmp_path))
     a = loader()
     ref = [next(a) for _ in range(3)]
@@ -184,7 +186,8 @@ def test_dali_policy_batches_resume_exactly(sample_dir, tmp_path, policy):
         x, y = next(c)
         assert torch.equal(x, ref[j][0]) and torch.equal(y, ref[j][1])
     c.close()
-    plain = DaliTrainLoader(index, AugConfig(img_size=40), 0, 16, 0, 1, 1, CPU, False,
+    plain = DaliTrainLoader(split=index, aug=AugConfig(img_size=40), seed=0, micro_batch=8,
+                            rank=0, world=1, workers=1, device=CPU, channels_last=False,
                             file_list_dir=str(tmp_path))
     assert plain.signature != c.signature  # a checkpoint of one graph never resumes the other
     plain.close()
@@ -198,8 +201,10 @@ def test_gpu_dali_policies_run_on_the_device(sample_dir, tmp_path, policy):
     from cspx.data.dali_loader import DaliTrainLoader
     index = build_index(os.path.join(sample_dir, "val"), warn=False)
     dev = torch.device("cuda", 0)
-    loader = DaliTrainLoader(index, AugConfig(img_size=64, policy=policy), 0, 16, 0, 1, 2, dev,
-                             True, dtype=torch.float16, file_list_dir=str(tmp_path))
+    loader = DaliTrainLoader(split=index, aug=AugConfig(img_size=64, policy=policy), seed=0,
+                             micro_batch=16, rank=0, world=1, workers=2, device=dev,
+                             channels_last=True, dtype=torch.float16,
+                             file_list_dir=str(tmp_path))
     for _ in range(3):
         x, y = next(loader)
     loader.close()

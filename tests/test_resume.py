@@ -318,15 +318,16 @@ EVERY_AUG = ["aug.mixup_alpha=0.8", "aug.cutmix_alpha=1.0", "aug.mix_prob=0.9",
     ("dali", ["aug.policy=autoaugment", "aug.mix_mode=batch", "aug.erase_mode=rand"])])
 def test_every_augmentation_resumes_exactly(demo_data, tmp_path, loader, extra, capsys):
     """Every augmentation on (a policy, random erasing, mixup and CutMix): a run resumed from
-    its step-4 checkpoint ends with every tensor of an uninterrupted run's final checkpoint, the
-    batch stage's generators included, and logs the same losses. In this process, through
-    train.py's main (the kill -9 cycles above cover the process side)."""
+    its step-2 checkpoint ends with every tensor of an uninterrupted 3-step run's final
+    checkpoint, the batch stage's generators included, and logs the same losses. Two
+    micro-batches per step, so the stage draws between checkpoints and within a step. In this
+    process, through train.py's main (the kill -9 cycles above cover the process side)."""
     from cspx.cli.train import main
     run_dir = tmp_path / "run"
     argv = ["--recipe", "recipes/demo.yaml", f"run.dir={run_dir}", f"data.root={demo_data}",
-            "train.steps=8", "sched.burn_in=2", "train.batch_size=16", "train.accum_steps=2",
+            "train.steps=3", "sched.burn_in=2", "train.batch_size=8", "train.accum_steps=2",
             "aug.img_size=32", "eval.img_size=32", "eval.every_steps=0", "eval.batch_size=300",
-            "checkpoint.every_steps=4", "checkpoint.keep_last=5", "run.log_every_steps=1",
+            "checkpoint.every_steps=2", "checkpoint.keep_last=2", "run.log_every_steps=1",
             "run.tensorboard=false", "data.workers=0", "ema.enabled=false",
             f"data.loader={loader}", *EVERY_AUG, *extra]
     cwd = os.getcwd()
@@ -337,15 +338,15 @@ def test_every_augmentation_resumes_exactly(demo_data, tmp_path, loader, extra, 
         os.rename(run_dir, ref)
         shutil.copytree(ref, run_dir)
         ck = run_dir / "checkpoints"
-        for name in ("last.pt", "best.pt", "step_00000008.pt"):
+        for name in ("last.pt", "best.pt", "step_00000003.pt"):
             os.remove(ck / name)
-        os.link(ck / "step_00000004.pt", ck / "last.pt")
+        os.link(ck / "step_00000002.pt", ck / "last.pt")
         assert main(argv + ["--resume", "auto"]) == 0, capsys.readouterr().err[-3000:]
     finally:
         os.chdir(cwd)
-    assert "(step 4)" in capsys.readouterr().err
+    assert "(step 2)" in capsys.readouterr().err
     a, b = load(f"{ref}/checkpoints/last.pt"), load(f"{run_dir}/checkpoints/last.pt")
-    assert a["progress"]["step"] == 8
+    assert a["progress"]["step"] == 3
     from cspx.config import AugConfig
     from cspx.data.batch_aug import BatchAugment
     seeded = BatchAugment(aug=AugConfig(), num_classes=10, label_smoothing=0.1,
@@ -354,4 +355,5 @@ def test_every_augmentation_resumes_exactly(demo_data, tmp_path, loader, extra, 
     assert not torch.equal(drawn["numpy"][1], seeded["numpy"][1])  # the stage drew
     assert not torch.equal(drawn["device"], seeded["device"])
     assert_same_tensors(a, b, "checkpoint")
-    assert [r["loss"] for r in metrics(str(run_dir))] == [r["loss"] for r in metrics(str(ref))]
+    losses = [r["loss"] for r in metrics(str(ref))]
+    assert len(losses) == 3 and [r["loss"] for r in metrics(str(run_dir))] == losses

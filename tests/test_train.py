@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: the demo learns, precisions, bad files, dry run, run folder."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -113,23 +114,33 @@ def test_dry_run_prints_the_plan(small_imagenet, tmp_path):
     assert not (tmp_path / "run").exists()   # nothing trained or written
 
 
-RECIPES = ["recipes/cspresnext50_ra.yaml", "recipes/cspresnext50_darknet.yaml", "recipes/demo.yaml"]
+RECIPES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/recipes/*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_short_runs_of_every_recipe_dry_run(small_imagenet, tmp_path, recipe, capsys):
     """Smoke tests with a few steps are the first thing people run: a burn-in as long as the
-    run or longer is allowed, with one warning line, and the LR follows darknet's formula.
-    (In this process, through train.py's main: the CLI subprocess path is tested above.)"""
+    run or longer is allowed, with one warning line, and the LR follows darknet's formula; the
+    plan names the batch augmentations the recipe turns on. A batch larger than the 132 images
+    is cut to 128. (In this process, through train.py's main: the CLI subprocess path is tested
+    above.)"""
+    import yaml
+
     from cspx.cli.train import main
     recipe = os.path.join(ROOT, recipe)
+    with open(recipe) as f:
+        rec = yaml.safe_load(f)
+    fit = ["train.batch_size=128"] if rec["train"]["batch_size"] > 128 else []
     for steps in (1, 10, 1000):
         code = main(["--recipe", recipe, f"data.root={small_imagenet}", "data.synthetic=false",
-                     f"run.dir={tmp_path / 'run'}", f"train.steps={steps}", "--dry-run"])
+                     f"run.dir={tmp_path / 'run'}", f"train.steps={steps}", *fit, "--dry-run"])
         r = capsys.readouterr()
         assert code == 0, (steps, r.err[-2000:])
-        import yaml
-        rec = yaml.safe_load(open(recipe))
+        aug = re.search(r"^  augment +(.+)$", r.out, re.M).group(1)
+        a = rec["aug"]
+        assert (f"mixup {a['mixup_alpha']:g}" in aug) == (a["mixup_alpha"] > 0), aug
+        assert (f"CutMix {a['cutmix_alpha']:g}" in aug) == (a["cutmix_alpha"] > 0), aug
+        assert (f"random erasing p {a['erase_prob']:g}" in aug) == (a["erase_prob"] > 0), aug
         burn_in = rec["sched"]["burn_in"]
         warned = [ln for ln in r.err.splitlines() if "ends inside burn-in" in ln]
         assert len(warned) == (1 if burn_in >= steps else 0), r.err

@@ -20,9 +20,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from cspx.bench.common import alternate, median
+from cspx.bench.steps import bench_config, device_of
 from cspx.data.index import build_index
 from cspx.data.transforms import INTERP, RA_BINS, ra_magnitude_bin
-from cspx.bench.steps import bench_config, device_of
 
 # DALI suite name -> torchvision op name (torchvision.transforms.RandAugment's op list)
 TV_NAMES = {"translate_x": "TranslateX", "translate_y": "TranslateY", "shear_x": "ShearX",
@@ -132,6 +132,7 @@ def _torch_runner(pil_images, name: str, m: int, interp, size: int):
 
 def augment(args: Namespace) -> Tuple[List[Dict], Dict]:
     from PIL import Image
+
     from cspx.data.dali_pipelines import INTERP as DALI_INTERP
     from cspx.data.dali_policies import rand_augment_suite
     cfg = bench_config(args)
@@ -197,6 +198,7 @@ def _batch_runners(cfg, args: Namespace, device) -> Dict[str, object]:
     """Seconds per image of each batch augmentation on `device`, on a batch as the loaders hand
     it out (the run's dtype and memory format), device work included."""
     import torch
+
     from cspx import precision
     from cspx.bench.common import seconds
     from cspx.data.batch_aug import BatchAugment

@@ -78,7 +78,7 @@ class Parts:
                 force: bool = False) -> List[str]:
         """Load every part from `state`. On another world size only the portable per-rank
         parts get rank 0's state (and decide themselves whether they can follow it); the RNGs
-        and the batch augmentation start afresh, from their per-rank seeds, as does a part of
+        start afresh and the batch augmentation from its per-rank seed, as does a part of
         LATER_PER_RANK that an older checkpoint lacks. A per-rank part that cannot take its
         state (a loader of another kind or graph) stops the resume, or with `force` starts
         afresh with a warning. Returns the shared parts the checkpoint does not hold."""

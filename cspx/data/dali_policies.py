@@ -106,7 +106,8 @@ def rand_augment_suite(magnitude_bin: int, on_gpu: bool):
     solarize threshold is one constant, so solarize is a 256-entry lookup table, one pass over
     uint8 where DALI's builds it from three arithmetic passes and a cast. On CPU these cut
     solarize from 0.50 to 0.06 ms and contrast from 1.3 to 0.15 ms per image."""
-    from nvidia.dali.auto_aug import augmentations as aa, rand_augment
+    from nvidia.dali.auto_aug import augmentations as aa
+    from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.auto_aug.core import augmentation
 
     # DALI's solarize: pixels below the bin's threshold stay, the rest become 255 - v
