@@ -36,6 +36,10 @@ INTERNAL = {
                                                  "not have: a programming error",
     ("cspx/data/dali_loader.py", "ValueError"): "a dtype other than precision.loader_dtype's: a "
                                                 "programming error",
+    ("cspx/data/mixup.py", "ValueError"): "a mixing mode or alphas that AugConfig refuses "
+                                          "first: a programming error",
+    ("cspx/data/erasing.py", "ValueError"): "an erasing mode AugConfig refuses first: a "
+                                            "programming error",
     ("cspx/data/shard_writer.py", "ValueError"): "samples added out of order by make_shards: a "
                                            "programming error",
     ("cspx/data/shard_reader.py", "OSError"): "a shard shorter than its checked size: the torch "
