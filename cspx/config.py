@@ -77,9 +77,14 @@ class DataConfig:
     workers: int = 8                   # DataLoader workers / DALI CPU threads per process
     synthetic: bool = False            # generate the demo dataset into root if it is missing
     dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the A100/H100 hardware decoder
+    # a dataset without a val split: hold out this share of each class of train/ (seeded by
+    # `seed`; cspx.data.holdout); null: validate on val/
+    val_split: Optional[float] = None
 
     def __post_init__(self):
         _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        _check(self.val_split is None or 0.0 < self.val_split < 1.0, "val_split",
+               f"must be in (0, 1) or null, got {self.val_split}")
         _check(0.0 <= self.dali_hw_decoder_load <= 1.0, "dali_hw_decoder_load", "must be in [0, 1]")
 
 

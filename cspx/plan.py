@@ -86,6 +86,8 @@ def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSpli
         f"  data          {len(train):,} train / {len(val):,} val images in {train.num_classes} classes "
         f"({len(train.excluded) + len(val.excluded)} excluded), {cfg.data.format}, "
         f"{cfg.data.loader} loader",
+        *([f"  {'':<13} val held out of the training images: {cfg.data.val_split:g} of each "
+           f"class (data.val_split), drawn from seed {cfg.seed}"] if cfg.data.val_split else []),
         f"  batch         {t.batch_size} images per step = {world} rank(s) x {t.accum_steps} "
         f"accumulation x {micro} per forward pass; precision {t.precision}",
         f"  augment       {describe_aug(cfg)}",

@@ -71,7 +71,7 @@ def _run(cfg: Config, env: DistEnv, resume: Optional[str], force: bool, dry_run:
         return 0
     run = _claim_run_dir(cfg, env, stack)
     ckpt = Checkpointer(run_dir=run.path, cfg=cfg.checkpoint, env=env,
-                        meta=_meta(cfg, data[0], prov, run))
+                        meta=_meta(cfg, data, prov, run))
     stack.callback(ckpt.close)
     state = ckpt.resume_state(resume)
     same_world = True
@@ -126,11 +126,18 @@ def _claim_run_dir(cfg: Config, env: DistEnv, stack: ExitStack) -> RunDir:
     return run
 
 
-def _meta(cfg: Config, train: DataSplit, prov: Dict[str, Any], run: RunDir) -> Dict[str, Any]:
-    """What every checkpoint records about the run besides its state."""
+def _meta(cfg: Config, data: Tuple[DataSplit, DataSplit], prov: Dict[str, Any],
+          run: RunDir) -> Dict[str, Any]:
+    """What every checkpoint records about the run besides its state. `val_split`: the split
+    held out of the training images (data.val_split), which validate.py evaluates by default."""
+    train, val = data
+    held = None
+    if cfg.data.val_split is not None:
+        held = {"fraction": cfg.data.val_split, "seed": cfg.seed, "images": len(val),
+                "fingerprint": val.fingerprint()}
     return {"config": configio.to_dict(cfg), "config_hash": configio.config_hash(cfg),
             "data_fingerprint": train.fingerprint(), "model_name": cfg.model.name,
-            "num_classes": cfg.model.num_classes, "classes": train.classes,
+            "num_classes": cfg.model.num_classes, "classes": train.classes, "val_split": held,
             "cspx_version": prov["cspx"], "git_commit": prov["commit"], "run_id": run.run_id}
 
 
@@ -219,4 +226,6 @@ def validate_command(cfg: Config, run: RunDir) -> str:
         args += ["--exclude", os.path.expanduser(d.exclude)]
     if d.format == "shards":
         args += ["--bad-shards", d.bad_shards]
+    if d.val_split is not None:
+        args += ["--val-split", repr(d.val_split), "--seed", str(cfg.seed)]
     return " ".join(shlex.quote(a) for a in [python, "validate.py", *args])

@@ -40,7 +40,9 @@ class LoadInfo(dict):
     weights were under ("state_dict", "model", "state_dict_ema", "model_ema"); ema: EMA weights
     were used; model_name: architecture recorded in a cspx checkpoint (else None); num_classes:
     rows of the checkpoint's classifier (else None); classes: the class list (label k -> wnid) a
-    cspx checkpoint records (else None); dropped: checkpoint keys not loaded;
+    cspx checkpoint records (else None); seed: its run's seed (else None); val_split: the split
+    its run held out of the training images, {fraction, seed, images, fingerprint} (else None);
+    dropped: checkpoint keys not loaded;
     missing / unexpected: keys tolerated by a non-strict load; notes: human-readable remarks."""
 
     def __str__(self) -> str:
@@ -125,15 +127,20 @@ def load_weights(path: str, prefer_ema: bool = False) -> Tuple[Dict[str, torch.T
     if not isinstance(obj, dict):
         raise CspxError(f"{path}: holds a {type(obj).__name__}, not model weights")
     info = LoadInfo(path=path, kind="plain", ema=False, model_name=None, num_classes=None,
-                    classes=None, dropped=[], missing=[], unexpected=[], notes=[])
+                    classes=None, seed=None, val_split=None, dropped=[], missing=[],
+                    unexpected=[], notes=[])
     if obj.get("format") == FORMAT:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CspxError(f"{path}: written by a newer cspx (format {obj['format_version']})")
         classes = obj.get("classes")
         if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
             classes = None
+        config, held = obj.get("config"), obj.get("val_split")
+        seed = config.get("seed") if isinstance(config, dict) else None
         info.update(kind="cspx", model_name=obj.get("model_name"),
-                    classes=list(classes) if classes else None)
+                    classes=list(classes) if classes else None,
+                    seed=seed if isinstance(seed, int) else None,
+                    val_split=held if isinstance(held, dict) else None)
         use_ema = prefer_ema and obj.get("ema") is not None
         key = "ema" if use_ema else "model"
         if prefer_ema and not use_ema:

@@ -101,6 +101,7 @@ def test_overrides_are_yaml_scalars(recipe):
     ("run: {stall_timeout: 0.5}", "run.stall_timeout: must be 0 (off) or >= 1 second, got 0.5"),
     ("run: {stall_timeout: -1}", "run.stall_timeout: must be 0 (off) or >= 1 second, got -1.0"),
     ("eval: {crop_pct: 1.5}", "eval.crop_pct: must be in (0, 1], got 1.5"),
+    ("data: {val_split: 1}", "data.val_split: must be in (0, 1) or null, got 1"),
     ("train: {steps: 0}", "train.steps: must be > 0, got 0"),
     ("train: {batch_size: 128, accum_steps: 3}", "train.batch_size: 128 is not divisible by train.accum_steps=3"),
     ("aug: {scale: [0.5]}", "aug.scale: expected a list of 2 a number"),
@@ -177,5 +178,6 @@ def test_resume_free_keys():
     b = configio.merge(a, {"run": {"dir": "x", "log_every_steps": 7}, "eval": {"every_steps": 5},
                            "checkpoint": {"every_steps": 3}, "data": {"workers": 1}})
     assert training_diff(a, b) == []
-    c = configio.merge(a, {"train": {"steps": 5}, "optim": {"lr": 0.3}, "data": {"loader": "dali"}})
-    assert training_diff(a, c) == ["data.loader", "optim.lr", "train.steps"]
+    c = configio.merge(a, {"train": {"steps": 5}, "optim": {"lr": 0.3},
+                           "data": {"loader": "dali", "val_split": 0.1}})
+    assert training_diff(a, c) == ["data.loader", "data.val_split", "optim.lr", "train.steps"]

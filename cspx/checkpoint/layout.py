@@ -7,8 +7,8 @@ Layout (FORMAT "cspx-checkpoint", FORMAT_VERSION 1): only tensors and plain Pyth
   format, format_version
   model, optimizer, scaler, ema (None without EMA), progress   shared by all ranks (rank 0's)
   world_size, ranks[r] = {"rng": ..., "loader": ..., "batch_aug": ...}   every rank's own
-  config, config_hash, data_fingerprint, model_name, num_classes, classes, cspx_version,
-  git_commit, run_id                                           what the run is (the meta)
+  config, config_hash, data_fingerprint, model_name, num_classes, classes, val_split,
+  cspx_version, git_commit, run_id                             what the run is (the meta)
 """
 from __future__ import annotations
 

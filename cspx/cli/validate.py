@@ -14,6 +14,8 @@ shorter side resized to floor(224 / 0.875) = 256, bilinear, ImageNet mean/std), 
 torch loader (PIL, bit-exact with timm's eval transform). Released timm weights:
   python validate.py --checkpoint cspresnext50_ra_224-648b4713.pth --data-dir /data/imagenet
   (expected: top-1 80.05, top-5 94.94)
+no val split (data.val_split): the run's validate command passes --val-split F --seed S, and
+by default a checkpoint evaluates the split its run held out of DIR's training images
 multi-GPU: torchrun --nproc_per_node=8 validate.py ... (every image counted exactly once)
 """
 
@@ -53,6 +55,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                   "is overwritten)")
     p.add_argument("--predictions", help="write per-image top-5 to this CSV file (an existing "
                                          "file is overwritten)")
+    p.add_argument("--val-split", type=float, metavar="FRACTION",
+                   help="evaluate the share of each class held out of DIR's training images "
+                        "(DIR/train/ or DIR/<wnid>/, no val/), as train.py's data.val_split "
+                        "does; default: the split the checkpoint's run held out, when DIR is "
+                        "that run's data without a val split of its own")
+    p.add_argument("--seed", type=int, help="with --val-split: the run's seed, which drew the "
+                                            "split (default: the checkpoint's, else 0)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images (sorted order)")
     p.add_argument("--verbose", action="store_true", help="tracebacks and debug logging")
     args = p.parse_args(argv)
@@ -64,6 +73,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             raise CspxError(f"--{name.replace('_', '-')}: must be > 0, got {v}")
     if args.workers < 0:
         raise CspxError(f"--workers: must be >= 0, got {args.workers}")
+    if args.val_split is not None and not 0.0 < args.val_split < 1.0:
+        raise CspxError(f"--val-split: must be in (0, 1), got {args.val_split}")
+    if args.seed is not None and args.val_split is None:
+        raise CspxError("--seed: only with --val-split (it is the seed that drew the split)")
+    if args.seed is not None and args.seed < 0:
+        raise CspxError(f"--seed: must be >= 0, got {args.seed}")
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
         raise CspxError(f"--crop-pct: must be in (0, 1], got {args.crop_pct}")
     return args

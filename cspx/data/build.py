@@ -3,9 +3,10 @@ iterates, from the resolved config's `data`, `aug`, `eval` and `train` sections.
 
 Both loader kinds implement cspx.data.loader's interface, so the training loop never asks which
 one it has, and both read either data format (a `loader.DataSplit`: a folder's split or a shard
-split). This module is where `data.loader`, `data.format` and `data.bad_shards` take effect: it
-alone decides from them which splits and loaders a run gets. Others only report them (plan.py's
---dry-run, the validate.py command a run prints at its end, the benchmarks' row names).
+split). This module is where `data.loader`, `data.format`, `data.bad_shards` and
+`data.val_split` take effect: it alone decides from them which splits and loaders a run gets.
+Others only report them (plan.py's --dry-run, the validate.py command a run prints at its end,
+the benchmarks' row names).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import List, Sequence, Tuple
 from cspx import distributed, precision
 from cspx.config import Config, micro_batch
 from cspx.data import synthetic
-from cspx.data.index import build_index, read_classes_file
+from cspx.data.holdout import holdout
+from cspx.data.index import build_index, read_classes_file, resolve_split_dir
 from cspx.data.loader import DataSplit, EvalLoader, TrainLoader
 from cspx.data.scan import read_exclude_file
 from cspx.data.shard_format import MANIFEST, MARKER, read_manifest
@@ -89,7 +91,8 @@ def open_shards_on_every_rank(root: str, splits: Sequence[str], classes: str, ex
 
 def build_splits(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
     """The train and val splits of data.root, in data.format: a folder indexed (train/ and val/),
-    or shards opened through their start-up check on every rank. For a folder rank 0 generates
+    or shards opened through their start-up check on every rank; with data.val_split, the val
+    split is held out of the training images (cspx.data.holdout). For a folder rank 0 generates
     the demo set if asked and scans; the other ranks wait for it without a collective timeout
     and receive its result, so a scan of 1.28M files on a cold network filesystem cannot time
     out the job."""
@@ -100,9 +103,12 @@ def build_splits(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
             raise CspxError("data.synthetic: true generates a folder dataset, and data.root "
                             f"{root} is a sharded one; set data.synthetic=false")
         exclude = os.path.expanduser(d.exclude) if d.exclude else ""
-        train, val = open_shards_on_every_rank(root, ("train", "val"), classes_file(cfg),
-                                               exclude, d.bad_shards, env)
-        return train, val
+        splits = ("train",) if d.val_split is not None else ("train", "val")
+        opened = open_shards_on_every_rank(root, splits, classes_file(cfg), exclude,
+                                           d.bad_shards, env)
+        if d.val_split is not None:
+            return held_out_shards(opened[0], d.val_split, cfg.seed, "data.val_split")
+        return opened[0], opened[1]
 
     def scan() -> Tuple[DataSplit, DataSplit]:
         if d.synthetic:
@@ -110,6 +116,10 @@ def build_splits(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
         listed = classes_file(cfg)
         classes = read_classes_file(listed) if listed else None
         exclude = read_exclude_file(os.path.expanduser(d.exclude)) if d.exclude else None
+        if d.val_split is not None:
+            whole = build_index(holdout_source(root, "data.val_split"), classes, exclude,
+                                workers=max(4, d.workers))
+            return holdout(whole, d.val_split, cfg.seed, "data.val_split")
         out = []
         for split in ("train", "val"):
             split_dir = os.path.join(root, split)
@@ -123,6 +133,30 @@ def build_splits(cfg: Config, env: DistEnv) -> Tuple[DataSplit, DataSplit]:
         return out[0], out[1]
 
     return main_first(scan, env, "indexing data.root")
+
+
+def holdout_source(root: str, key: str) -> str:
+    """The folder a validation split is held out of: root/train/, or root itself when it holds
+    the class folders. A dataset with a val/ folder of its own is refused: which of the two
+    to validate on would be a guess."""
+    if os.path.isdir(os.path.join(root, "val")):
+        raise CspxError(f"{key}: {root} has a val/ folder of its own; a held-out split is for "
+                        f"data without one ({_use_val(key)}/)")
+    train = os.path.join(root, "train")
+    return train if os.path.isdir(train) else resolve_split_dir(root, "train")
+
+
+def held_out_shards(train: ShardSplit, fraction: float, seed: int,
+                    key: str) -> Tuple[DataSplit, DataSplit]:
+    """`holdout` of a sharded dataset's train split; one with a val split is refused."""
+    if "val" in train.manifest.splits:
+        raise CspxError(f"{key}: {train.root} has a val split of its own; a held-out split is "
+                        f"for data without one ({_use_val(key)})")
+    return holdout(train, fraction, seed, key)
+
+
+def _use_val(key: str) -> str:
+    return f"drop {key} to evaluate val" if key.startswith("--") else f"set {key}=null to use val"
 
 
 def build_train_loader(cfg: Config, split: DataSplit, env: DistEnv, work_dir: str) -> TrainLoader:

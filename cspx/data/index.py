@@ -80,6 +80,12 @@ class FolderSplit:
         """The first n files (sorted order); for `--limit`."""
         return FolderSplit(self.root, self.classes, self.files[:n], self.labels[:n], self.excluded)
 
+    def select(self, indices: np.ndarray) -> "FolderSplit":
+        """The samples at `indices` (ascending), in this order (cspx.data.holdout)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return FolderSplit(self.root, self.classes, [self.files[i] for i in idx.tolist()],
+                           self.labels[idx], self.excluded)
+
     def write_file_list(self, path: str, label_is_position: bool = False) -> None:
         """DALI `file_list`: one 'relative/path label' per line. With label_is_position the second
         column is the sample's position in this split (used to recover paths and to map labels)."""

@@ -54,6 +54,8 @@ class DataSplit(Protocol):
 
     def subset(self, n: int) -> "DataSplit": ...  # the first n samples (--limit)
 
+    def select(self, indices: np.ndarray) -> "DataSplit": ...  # these samples (a held-out split)
+
 
 @runtime_checkable
 class TrainLoader(Protocol):

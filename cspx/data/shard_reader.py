@@ -116,6 +116,7 @@ class ShardSplit:
         self._tars = [os.path.join(self.root, split, s.name + ".tar") for s in info.shards]
         self._files: "OrderedDict[int, int]" = OrderedDict()
         self._pid = -1
+        self._picked = ""  # select(): a hash of the positions selected
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -137,6 +138,17 @@ class ShardSplit:
         other.__dict__.update(self.__getstate__())
         other._rows, other.positions, other.labels = (self._rows[:n], self.positions[:n],
                                                       self.labels[:n])
+        return other
+
+    def select(self, indices: np.ndarray) -> "ShardSplit":
+        """The samples at `indices` (ascending), in this order: a copy sharing nothing open,
+        whose fingerprint names the selection (cspx.data.holdout)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        other = object.__new__(ShardSplit)
+        other.__dict__.update(self.__getstate__())
+        other._rows, other.positions, other.labels = (self._rows[idx], self.positions[idx],
+                                                      self.labels[idx])
+        other._picked = hashlib.sha256(other.positions.tobytes()).hexdigest()[:16]
         return other
 
     def __getstate__(self) -> dict:
@@ -199,6 +211,8 @@ class ShardSplit:
         info = self.manifest.splits[self.split]
         key = {"split": self.split, "classes": self.classes, "table": info.table_sha256,
                "shards": [(s.name, s.sha256, s.samples) for s in self.shards], "n": len(self)}
+        if self._picked:  # a selection: which samples (absent otherwise, so a whole split's
+            key["picked"] = self._picked  # fingerprint stays what it was)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def close(self) -> None:
