@@ -11,35 +11,6 @@ import torch
 from conftest import run_py
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory, sample_dir):
-    """A random cspresnext_tiny in timm's plain state_dict format whose predictions vary from
-    image to image: BN statistics calibrated on the sample at 64 px, and a random classifier
-    applied to centred features (a random model otherwise predicts one class for every image)."""
-    import timm.data
-    from PIL import Image
-    from torch import nn
-    from cspx.models import create_model
-    torch.manual_seed(1)
-    m = create_model("cspresnext_tiny", num_classes=1000)
-    tf = timm.data.create_transform(64, crop_pct=0.875, interpolation="bilinear")
-    root = os.path.join(sample_dir, "val")
-    x = torch.stack([tf(Image.open(os.path.join(root, d, f)).convert("RGB"))
-                     for d in sorted(os.listdir(root)) for f in os.listdir(os.path.join(root, d))])
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None          # cumulative average: the statistics of this batch
-    with torch.no_grad():
-        m.train()(x)
-        feats = m.eval().forward_head(m.forward_features(x), pre_logits=True)
-        m.head.fc.weight.normal_(0, 1)
-        m.head.fc.bias.copy_(-m.head.fc.weight @ feats.mean(0))
-    path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    torch.save(m.state_dict(), path)
-    return str(path), m
-
-
 def synsets(sample_dir):
     return [ln.split()[0] for ln in open(os.path.join(sample_dir, "synsets.txt")) if ln.strip()]
 
