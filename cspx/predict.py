@@ -90,7 +90,9 @@ def _run(args: Namespace, env: DistEnv) -> int:
         write_predictions(args.out, rows, ids, names, k, settings)
         log.info(f"{done} images classified, {failed} failed, {done / max(seconds, 1e-9):.1f} "
                  f"img/s" + (f"; rows written to {args.out}" if args.out else ""))
-    return 1 if failed else 0
+    # under torchrun only rank 0 reports the failures (torchrun's status is then rank 0's): a
+    # rank exiting 1 first would make torchrun stop the others before rank 0 has written
+    return 1 if failed and env.is_main else 0
 
 
 def placed_model(args: Namespace, env: DistEnv):

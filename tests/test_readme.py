@@ -1,0 +1,62 @@
+"""README.md's journeys run as printed: every code block after a `<!-- ci:journey -->` marker,
+in order, with bash, in one fresh folder holding the checkout's entry points.
+
+Nothing in a block is rewritten. The environment is a user's after the README's two commands:
+`python` on the PATH is this interpreter, and `~/.cache/cspx/demo-data-v1` (the demo recipe's
+data.root) holds the demo dataset, through HOME pointing at a temporary home where it links to
+the session's generated copy. The two CI blocks (`ci:demo`, `ci:test`) stay as .ci/run reads
+them."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+MARKER = "<!-- ci:journey -->"
+ENTRY_POINTS = ("train.py", "validate.py", "predict.py", "recipes", "scripts")
+
+
+def blocks(text: str, marker: str):
+    """The bash code block right after each `marker` line."""
+    return re.findall(re.escape(marker) + r"\n```bash\n(.*?)\n```", text, flags=re.S)
+
+
+def test_ci_blocks_are_intact():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (demo,) = blocks(text, "<!-- ci:demo -->")
+    (tests,) = blocks(text, "<!-- ci:test -->")
+    assert demo.endswith("train.py --recipe recipes/demo.yaml --resume auto")
+    assert tests.endswith("-m pytest -q")
+    # .ci/run's own extraction finds the same test command
+    awk = subprocess.run(["awk", "/<!-- ci:test -->/{m=1; next} m && /^```/{if (inblock) exit; "
+                          "inblock=1; next} m && inblock {print}", "README.md"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    assert awk.stdout.strip() == tests
+
+
+def test_every_journey_runs_as_printed(demo_data, tmp_path):
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    journeys = blocks(text, MARKER)
+    assert len(journeys) == text.splitlines().count(MARKER) == 6    # no marker without a block
+    home = tmp_path / "home"
+    (home / ".cache" / "cspx").mkdir(parents=True)
+    os.symlink(demo_data, home / ".cache" / "cspx" / "demo-data-v1")
+    work = tmp_path / "clone"
+    work.mkdir()
+    for name in ENTRY_POINTS:
+        os.symlink(os.path.join(ROOT, name), work / name)
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    for block in journeys:
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (block, r.stdout[-2000:], r.stderr[-3000:])
+    # what the journeys made: two runs, an evaluation, predictions, an exported model
+    assert (work / "runs/first/checkpoints/last.pt").exists()
+    assert (work / "runs/finetuned/checkpoints/best.pt").exists()
+    rows = open(work / "predictions.csv").read().splitlines()
+    assert rows[0].startswith("path,error,class_1,") and len(rows) == 31   # 30 val triangles
+    assert (work / "exported/finetuned.torchscript.pt").exists()
