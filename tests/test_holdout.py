@@ -75,7 +75,8 @@ def test_a_folder_and_its_shards_hold_out_the_same_images(demo_data, demo_shards
         held_out_shards(shards, 0.1, 7, "--val-split")
     shard_val = holdout(shards, 0.1, 7)[1]
     assert len(folder) == 200 and sorted(shard_val.paths()) == folder.files
-    assert shard_val.fingerprint() != shards.fingerprint() == ShardSplit(demo_shards, "train").fingerprint()
+    again = ShardSplit(demo_shards, "train")
+    assert shard_val.fingerprint() != shards.fingerprint() == again.fingerprint()
 
 
 def _train(argv, capsys):
@@ -104,7 +105,8 @@ def test_val_split_run_and_its_validate_command_agree(demo_data, tmp_path, capsy
     assert ev["count"] == 100
     assert yaml.safe_load(open(run / "config.yaml"))["data"]["val_split"] == 0.05
     ck = torch.load(run / "checkpoints/last.pt", weights_only=True)
-    assert (ck["val_split"]["fraction"], ck["val_split"]["seed"], ck["val_split"]["images"]) == (0.05, 5, 100)
+    held = ck["val_split"]
+    assert (held["fraction"], held["seed"], held["images"]) == (0.05, 5, 100)
     line = err.split("evaluate the result with:")[1].strip().splitlines()[0]
     argv = shlex.split(line)
     assert argv[1] == "validate.py" and argv[-4:] == ["--val-split", "0.05", "--seed", "5"]
@@ -117,7 +119,8 @@ def test_val_split_run_and_its_validate_command_agree(demo_data, tmp_path, capsy
     assert "held out for validation by the checkpoint's run" in out.err
     # a dataset with its own val/ and data.val_split: one line, exit 2, nothing trained
     from cspx.cli.train import main
-    code = main(base + [f"run.dir={tmp_path / 'r2'}", f"data.root={demo_data}", "data.val_split=0.1"])
+    code = main(base + [f"run.dir={tmp_path / 'r2'}", f"data.root={demo_data}",
+                        "data.val_split=0.1"])
     msg = capsys.readouterr().err.strip().splitlines()[-1]      # after the provenance header
     assert code == 2 and msg.startswith("error: data.val_split: ") and "has a val/ folder" in msg
     assert not (tmp_path / "r2").exists()

@@ -21,6 +21,17 @@ def timm_info(name):
     return os.path.join(os.path.dirname(timm.data.__file__), "_info", name)
 
 
+def lemmas():
+    """{wnid: WordNet lemmas} from timm's own file: the reference for the shipped names."""
+    with open(timm_info("imagenet_synset_to_lemma.txt"), encoding="utf-8") as f:
+        return dict(ln.rstrip("\n").split("\t", 1) for ln in f)
+
+
+def one_image(sample_dir):
+    folder = os.path.join(sample_dir, "val", "n01440764")
+    return os.path.join(folder, sorted(os.listdir(folder))[0])
+
+
 def synsets(sample_dir):
     return [ln.split()[0] for ln in open(os.path.join(sample_dir, "synsets.txt")) if ln.strip()]
 
@@ -55,8 +66,8 @@ def test_shipped_imagenet_names_are_timms_in_ilsvrc_order(sample_dir):
     wnids = [w for w, _ in lines]
     assert wnids == synsets(sample_dir)                        # ILSVRC2012 class-index order
     assert wnids == [ln.strip() for ln in open(timm_info("imagenet_synsets.txt"))]
-    lemmas = dict(ln.rstrip("\n").split("\t", 1) for ln in open(timm_info("imagenet_synset_to_lemma.txt")))
-    assert all(name == lemmas[w] for w, name in lines) and len(lines) == 1000
+    names = lemmas()
+    assert all(name == names[w] for w, name in lines) and len(lines) == 1000
 
 
 def test_predictions_equal_validate_top5(sample_dir, tiny_weights, tmp_path, capsys):
@@ -72,7 +83,7 @@ def test_predictions_equal_validate_top5(sample_dir, tiny_weights, tmp_path, cap
     code, out, err = run(capsys, *common[:-2], f"{sample_dir}/val", "--out", tmp_path / "p.csv")
     assert code == 0 and out == "" and "105 images classified, 0 failed" in err, err
     index = {w: k for k, w in enumerate(synsets(sample_dir))}
-    lemmas = dict(ln.rstrip("\n").split("\t", 1) for ln in open(timm_info("imagenet_synset_to_lemma.txt")))
+    names = lemmas()
     ref = {r["path"]: r for r in rows_of(tmp_path / "v.csv")}
     rows = rows_of(tmp_path / "p.csv")
     assert list(rows[0]) == ["path", "error"] + [f"{c}_{j}" for c in ("class", "name", "prob")
@@ -83,7 +94,7 @@ def test_predictions_equal_validate_top5(sample_dir, tiny_weights, tmp_path, cap
         rel = os.path.relpath(row["path"], f"{sample_dir}/val")
         top = [row[f"class_{j}"] for j in range(1, 6)]
         assert [index[w] for w in top] == [int(t) for t in ref[rel]["top5"].split()], rel
-        assert [row[f"name_{j}"] for j in range(1, 6)] == [lemmas[w] for w in top]
+        assert [row[f"name_{j}"] for j in range(1, 6)] == [names[w] for w in top]
         p = [float(row[f"prob_{j}"]) for j in range(1, 6)]
         assert p == pytest.approx([float(v) for v in ref[rel]["top5_prob"].split()], abs=2e-6)
         assert row["error"] == ""
@@ -97,7 +108,7 @@ def test_every_path_kind_and_unreadable_files(sample_dir, sample_shards_root, ti
     unreadable files as rows with their reason, exit 1."""
     path, model = tiny_weights
     val = os.path.join(sample_dir, "val")
-    imgs = sorted(os.path.join(val, d, f) for d in os.listdir(val) for f in os.listdir(os.path.join(val, d)))
+    imgs = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(val) for f in fs)
     photos = tmp_path / "photos"
     (photos / "deep" / "er").mkdir(parents=True)
     (photos / ".hidden").mkdir()
@@ -113,8 +124,8 @@ def test_every_path_kind_and_unreadable_files(sample_dir, sample_shards_root, ti
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "some.txt").write_text(f"# a comment\n\n../photos/a.JPEG\n{imgs[4]}\nmissing.jpg\n")
-    args = [imgs[5], photos, lists / "some.txt", sample_shards_root, "--checkpoint", path, "--model",
-            "cspresnext_tiny", "--batch-size", "16", "--topk", "3", "--img-size", "32",
+    args = [imgs[5], photos, lists / "some.txt", sample_shards_root, "--checkpoint", path,
+            "--model", "cspresnext_tiny", "--batch-size", "16", "--topk", "3", "--img-size", "32",
             "--out", tmp_path / "p.csv"]
     code, _, err = run(capsys, *args)
     assert code == 1, err
@@ -128,13 +139,16 @@ def test_every_path_kind_and_unreadable_files(sample_dir, sample_shards_root, ti
                      + [imgs[4], str(lists / "missing.jpg")] + shard_paths)
     errors = {os.path.basename(r["path"]): r["error"] for r in rows if r["error"]}
     assert errors.keys() == {"corrupt.jpg", "empty.jpg", "truncated.jpg", "missing.jpg"}
-    assert errors["empty.jpg"] == "empty file" and errors["truncated.jpg"].startswith("truncated JPEG")
-    assert errors["corrupt.jpg"].startswith("decode failed") and "No such file" in errors["missing.jpg"]
+    assert errors["empty.jpg"] == "empty file"
+    assert errors["truncated.jpg"].startswith("truncated JPEG")
+    assert errors["corrupt.jpg"].startswith("decode failed")
+    assert "No such file" in errors["missing.jpg"]
     for r in rows:
         assert (r["class_1"] == "") == bool(r["error"])
     # every image's top-3 is the model's on timm's eval transform of its file
-    source = {imgs[5]: imgs[5], str(photos / "a.JPEG"): imgs[0], str(photos / "deep/er/b.jpeg"): imgs[1],
-              imgs[4]: imgs[4], **dict(zip(shard_paths, imgs))}
+    source = {imgs[5]: imgs[5], str(photos / "a.JPEG"): imgs[0],
+              str(photos / "deep/er/b.jpeg"): imgs[1], imgs[4]: imgs[4],
+              **dict(zip(shard_paths, imgs))}
     files = sorted(set(source.values()))
     probs = dict(zip(files, timm_reference(model, files, size=32)))
     wnids = synsets(sample_dir)
@@ -147,7 +161,8 @@ def test_every_path_kind_and_unreadable_files(sample_dir, sample_shards_root, ti
 def test_a_shard_split_folder_is_that_split(sample_shards_root):
     """ROOT/val of a sharded dataset names the same samples, as ROOT does (its only split)."""
     from cspx.data.inputs import collect
-    (whole,), (split,) = collect([sample_shards_root]), collect([os.path.join(sample_shards_root, "val")])
+    (whole,) = collect([sample_shards_root])
+    (split,) = collect([os.path.join(sample_shards_root, "val")])
     assert len(whole.split) == len(split.split) == 105 and split.split.split == "val"
     assert [whole.path(i) for i in range(105)] == [split.path(i) for i in range(105)]
     assert whole.path(0) == os.path.join(sample_shards_root, "val", split.split.name(0))
@@ -156,7 +171,8 @@ def test_a_shard_split_folder_is_that_split(sample_shards_root):
 def test_flip_tta_is_the_mean_of_both_softmaxes(sample_dir, tiny_weights, tmp_path, capsys):
     path, model = tiny_weights
     listed = tmp_path / "l.txt"
-    imgs = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(sample_dir, "val")) for f in fs)[:12]
+    val = os.path.join(sample_dir, "val")
+    imgs = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(val) for f in fs)[:12]
     listed.write_text("\n".join(imgs))
     base = ["--checkpoint", path, "--model", "cspresnext_tiny", "--topk", "4", listed]
     for tta in ("flip", "none"):
@@ -169,7 +185,8 @@ def test_flip_tta_is_the_mean_of_both_softmaxes(sample_dir, tiny_weights, tmp_pa
     for rec, p in zip(flip, ref):
         top = p.topk(4)
         assert [rec[f"class_{j}"] for j in range(1, 5)] == [wnids[i] for i in top.indices.tolist()]
-        assert [rec[f"prob_{j}"] for j in range(1, 5)] == pytest.approx(top.values.tolist(), abs=1e-6)
+        probs = [rec[f"prob_{j}"] for j in range(1, 5)]
+        assert probs == pytest.approx(top.values.tolist(), abs=1e-6)
     assert any(a["prob_1"] != b["prob_1"] for a, b in zip(flip, plain))   # the flip mattered
 
 
@@ -185,7 +202,7 @@ def test_class_names_of_a_cspx_checkpoint_and_overrides(tmp_path, sample_dir, ca
                 "ema": None, "model_name": "cspresnext_tiny", "classes": classes},
                tmp_path / "c.pt")
     torch.save(m.state_dict(), tmp_path / "plain.pth")
-    img = os.path.join(sample_dir, "val", "n01440764", os.listdir(os.path.join(sample_dir, "val", "n01440764"))[0])
+    img = one_image(sample_dir)
     code, out, _ = run(capsys, "--checkpoint", tmp_path / "c.pt", img, "--topk", "3")
     row = next(csv.DictReader(out.splitlines()))
     names = {"n01440764": "tench, Tinca tinca", "roses": "roses", "n04399382": "teddy, teddy bear"}
@@ -197,25 +214,27 @@ def test_class_names_of_a_cspx_checkpoint_and_overrides(tmp_path, sample_dir, ca
     row = next(csv.DictReader(out.splitlines()))
     mine = {"a0": "first class", "b1": "b1", "n04399382": "teddy, teddy bear"}
     assert code == 0 and all(row[f"name_{j}"] == mine[row[f"class_{j}"]] for j in (1, 2, 3))
-    code, out, err = run(capsys, "--checkpoint", tmp_path / "plain.pth", "--model", "cspresnext_tiny",
-                         img, "--topk", "3")
+    code, out, err = run(capsys, "--checkpoint", tmp_path / "plain.pth", "--model",
+                         "cspresnext_tiny", img, "--topk", "3")
     row = next(csv.DictReader(out.splitlines()))
     assert code == 0 and {row[f"class_{j}"] for j in (1, 2, 3)} == {"0", "1", "2"}
     assert "classes are output indices" in err
-    code, _, err = run(capsys, "--checkpoint", tmp_path / "c.pt", img, "--classes", f"{sample_dir}/synsets.txt")
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "c.pt", img,
+                       "--classes", f"{sample_dir}/synsets.txt")
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"error: --classes: {sample_dir}/synsets.txt lists 1000 classes, the model has 3 outputs")
 
 
-def test_out_replaces_only_its_own_files_and_bad_arguments(tiny_weights, sample_dir, tmp_path, capsys):
+def test_out_replaces_only_its_own_files_and_bad_arguments(tiny_weights, sample_dir, tmp_path,
+                                                           capsys):
     path, _ = tiny_weights
-    img = os.path.join(sample_dir, "val", "n01440764", os.listdir(os.path.join(sample_dir, "val", "n01440764"))[0])
-    base = ["--checkpoint", path, "--model", "cspresnext_tiny", img]
+    base = ["--checkpoint", path, "--model", "cspresnext_tiny", one_image(sample_dir)]
     user = tmp_path / "mine.csv"
     user.write_text("path,label\nx.jpg,3\n")
     code, _, err = run(capsys, *base, "--out", user)
     assert code == 2 and user.read_text() == "path,label\nx.jpg,3\n"
-    assert err.strip().splitlines()[-1].startswith(f"error: --out: {user} already exists and was not written")
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: --out: {user} already exists and was not written")
     for name in ("p.csv", "p.json"):
         for _ in range(2):          # the second run replaces the first's file
             assert run(capsys, *base, "--out", tmp_path / name)[0] == 0
@@ -228,8 +247,10 @@ def test_out_replaces_only_its_own_files_and_bad_arguments(tiny_weights, sample_
     assert list(rec) == list(row) and rec["error"] is None and row["error"] == ""
     assert all(rec[c] == row[c] for c in row if c.startswith(("path", "class", "name")))
     assert all(f"{rec[c]:.6g}" == row[c] for c in row if c.startswith("prob"))
-    assert run(capsys, *base, "--out", user, "--force")[0] == 0 and user.read_text().startswith("path,error,")
-    for bad, msg in [(["--out", tmp_path / "p.txt"], "--out: "), (["--topk", "0"], "--topk: must be > 0"),
+    assert run(capsys, *base, "--out", user, "--force")[0] == 0
+    assert user.read_text().startswith("path,error,")
+    for bad, msg in [(["--out", tmp_path / "p.txt"], "--out: "),
+                     (["--topk", "0"], "--topk: must be > 0"),
                      ([str(tmp_path / "nowhere")], "nowhere: no such file or folder"),
                      ([str(tmp_path / "lists")], "no image files in it")]:
         (tmp_path / "lists").mkdir(exist_ok=True)

@@ -52,6 +52,12 @@ def _is_shards(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in (MANIFEST, MARKER))
 
 
+def _is_shard_split(folder: str) -> bool:
+    """Whether `folder` is one split's folder of a sharded dataset (ROOT/val)."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    return _is_shards(parent) and name in read_manifest(parent).splits
+
+
 def _walk(folder: str) -> List[str]:
     """Image files under `folder`, sorted by path, each real folder visited once."""
     out: List[str] = []
@@ -82,6 +88,7 @@ def _read_list(path: str) -> List[str]:
 
 def _shard_sources(path: str, rows_from: int) -> List[Source]:
     parent, name = os.path.split(os.path.normpath(path))
+    parent = parent or "."
     if _is_shards(path):
         root, splits = path, sorted(read_manifest(path).splits)
     else:  # one split's folder inside a sharded dataset
@@ -127,8 +134,7 @@ def collect(paths: Sequence[str]) -> List[Source]:
                 loose.append(f)
 
     for p in paths:
-        parent = os.path.dirname(os.path.normpath(p)) or "."
-        if os.path.isdir(p) and (_is_shards(p) or _is_shards(parent)):
+        if os.path.isdir(p) and (_is_shards(p) or _is_shard_split(p)):
             flush()
             found = _shard_sources(p, rows)
             rows += sum(len(s.split) for s in found)
