@@ -25,7 +25,6 @@ from cspx.data.shard_reader import ShardSplit
 from cspx.data.torch_loader import TorchEvalLoader, TorchTrainLoader, TrainDataset
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
-from test_validate import tiny_weights  # noqa: F401  (a fixture: a model whose top-5 varies)
 
 dali = pytest.importorskip("nvidia.dali", reason="DALI wheels exist for Linux x86_64/aarch64 only")
 from cspx.data.dali_loader import DaliEvalLoader, DaliTrainLoader  # noqa: E402
@@ -198,7 +197,7 @@ def predictions(path):
         return list(csv.DictReader(f))
 
 
-def test_validate_on_shards_gives_the_folder_predictions(  # noqa: F811 (tiny_weights)
+def test_validate_on_shards_gives_the_folder_predictions(
         env, folder, sample_dir, sample_shards_root, tiny_weights, tmp_path):
     """validate.py --data-dir takes the shard folder (the same class list given to both, which
     the shards' must equal). With the torch loader every image's top-5 and probabilities equal
