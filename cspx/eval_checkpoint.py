@@ -14,8 +14,13 @@ from typing import Any, Dict, List, Optional, Tuple
 from tqdm import tqdm
 
 from cspx import distributed, precision
-from cspx.data.build import (build_eval_loader, data_format, held_out_shards, holdout_source,
-                             open_shards_on_every_rank)
+from cspx.data.build import (
+    build_eval_loader,
+    data_format,
+    held_out_shards,
+    holdout_source,
+    open_shards_on_every_rank,
+)
 from cspx.data.holdout import holdout
 from cspx.data.index import FolderSplit, build_index, read_classes_file, resolve_split_dir
 from cspx.data.loader import DataSplit, check_fits

@@ -1,11 +1,14 @@
 """What predict.py runs: a checkpoint (cspx's or timm's) classifying images that have no labels,
 with one output row per image: its top-k classes, their names and probabilities.
 
-The images go through the evaluation loaders validate.py uses (cspx.data.build's
-build_eval_loader, torch or DALI) with the model's evaluation preset, so preprocessing and
-throughput are validate.py's. Under torchrun each rank classifies a contiguous block of every
-source (cspx.data.inputs) and rank 0 gathers and writes the rows, in the order of the arguments:
-every image is classified once.
+The model is set up as validate.py sets it up: its evaluation protocol from
+cspx.models.eval_protocol (the model's preset, with --img-size, --crop-pct and --interpolation in
+its place), its device and memory format from cspx.placement. The images go through the
+evaluation loaders validate.py uses (cspx.data.build's build_eval_loader, torch or DALI), so
+preprocessing and throughput are validate.py's. Under torchrun each rank classifies its share
+of every source (cspx.data.inputs) by the evaluation loaders' rule (loader.contiguous_share), and
+rank 0 gathers and writes the rows, in the order of the arguments: every image is classified
+once.
 
 Files that cannot be classified get a row with the reason in `error` and never stop the run:
 missing, empty, truncated or not images (the index's quick scan, before loading), or failing to
@@ -30,15 +33,16 @@ from cspx import distributed, precision
 from cspx.data import scan
 from cspx.data.build import build_eval_loader
 from cspx.data.class_names import class_names
-from cspx.data.inputs import Source, collect
+from cspx.data.inputs import Source, collect, rank_share
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from cspx.files import check_writable
-from cspx.models import eval_preset
+from cspx.models import EvalPreset, eval_protocol
+from cspx.placement import place_model
 from cspx.predict_output import is_predictions_file, write_predictions
 from cspx.resolve import resolve_loader
 from cspx.runlog import setup_console
-from cspx.weights import build_model_from_checkpoint
+from cspx.weights import LoadInfo, build_model_from_checkpoint
 
 log = logging.getLogger("cspx")
 Row = Tuple[int, str, str, List[int], List[float]]  # (row, path, error, top indices, top probs)
@@ -64,8 +68,7 @@ def _run(args: Namespace, env: DistEnv) -> int:
     ids, names = class_names(num_outputs, info.get("classes"), args.classes)
     k = min(args.topk, num_outputs)
     kind = resolve_loader(args.loader, env.device)
-    mine = [s.select(np.arange(env.rank * len(s.split) // env.world,
-                               (env.rank + 1) * len(s.split) // env.world)) for s in sources]
+    mine = [rank_share(s, env.rank, env.world) for s in sources]
     bar = tqdm(total=sum(len(s.split) for s in mine), unit="img", disable=not env.is_main,
                dynamic_ncols=True)
     rows: List[Row] = []
@@ -82,8 +85,9 @@ def _run(args: Namespace, env: DistEnv) -> int:
     seconds = max(t for _, t in parts)
     failed = sum(1 for r in rows if r[2])
     done = len(rows) - failed
-    settings = {"checkpoint": args.checkpoint, "model": info["model_name"], "img_size": protocol[0],
-                "crop_pct": protocol[1], "interpolation": protocol[2], "loader": kind,
+    settings = {"checkpoint": args.checkpoint, "model": info["model_name"],
+                "img_size": protocol.img_size, "crop_pct": protocol.crop_pct,
+                "interpolation": protocol.interpolation, "loader": kind,
                 "precision": args.precision, "tta": args.tta, "topk": k,
                 "batch_size": args.batch_size, "device": str(env.device), "world_size": env.world}
     if env.is_main:
@@ -95,22 +99,20 @@ def _run(args: Namespace, env: DistEnv) -> int:
     return 1 if failed and env.is_main else 0
 
 
-def placed_model(args: Namespace, env: DistEnv):
-    """(model on its device in eval mode, LoadInfo, (img_size, crop_pct, interpolation)): the
-    checkpoint's model and evaluation protocol, its preset with the flags' overrides, exactly
-    as validate.py builds them."""
+def placed_model(args: Namespace, env: DistEnv) -> Tuple[torch.nn.Module, LoadInfo, EvalPreset]:
+    """(model on its device in eval mode, LoadInfo, evaluation protocol): the checkpoint's
+    model and its protocol with the flags' overrides, through the helpers validate.py uses."""
     model, info = build_model_from_checkpoint(args.checkpoint, args.model, args.ema)
-    preset = eval_preset(info["model_name"])
-    protocol = (args.img_size or preset.img_size, args.crop_pct or preset.crop_pct,
-                args.interpolation or preset.interpolation)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    return model.to(env.device, memory_format=fmt).eval(), info, protocol
+    protocol = eval_protocol(info["model_name"], img_size=args.img_size, crop_pct=args.crop_pct,
+                             interpolation=args.interpolation)
+    place_model(model, device=env.device, channels_last=args.channels_last)
+    return model.eval(), info, protocol
 
 
 class Classifier:
     """Classifies a source on this rank alone: rows and the seconds its loader passes took."""
 
-    def __init__(self, model: torch.nn.Module, protocol: Tuple[int, float, str], args: Namespace,
+    def __init__(self, model: torch.nn.Module, protocol: EvalPreset, args: Namespace,
                  k: int, bar, local: DistEnv):
         self.model, self.protocol, self.args, self.k, self.bar = model, protocol, args, k, bar
         self.local = local  # one rank: the source is this rank's share already
@@ -170,10 +172,10 @@ class Classifier:
         probabilities, decoded (bool), seconds, whether DALI stopped at an undecodable
         image). The results stay on the device until the pass ends: no host sync per batch."""
         a, dev = self.args, self.local.device
-        img_size, crop_pct, interpolation = self.protocol
-        loader = build_eval_loader(kind=kind, index=split, img_size=img_size, crop_pct=crop_pct,
-                                   interpolation=interpolation, batch_size=a.batch_size,
-                                   env=self.local, workers=a.workers,
+        p = self.protocol
+        loader = build_eval_loader(kind=kind, split=split, img_size=p.img_size,
+                                   crop_pct=p.crop_pct, interpolation=p.interpolation,
+                                   batch_size=a.batch_size, env=self.local, workers=a.workers,
                                    channels_last=a.channels_last)
         out: Dict[str, List[torch.Tensor]] = {"idx": [], "top": [], "prob": [], "ok": []}
         stopped = False

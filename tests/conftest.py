@@ -69,6 +69,7 @@ def tiny_weights(tmp_path_factory, sample_dir):
     import torch
     from PIL import Image
     from torch import nn
+
     from cspx.models import create_model
     torch.manual_seed(1)
     m = create_model("cspresnext_tiny", num_classes=1000)

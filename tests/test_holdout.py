@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 
 from cspx.data.holdout import held_out_count, holdout, min_class_size
 from cspx.data.index import FolderSplit
 from cspx.errors import CspxError
-from conftest import ROOT
 
 
 def index_of(per_class, root="/data/train", order=None):

@@ -169,6 +169,32 @@ def test_a_shard_split_folder_is_that_split(sample_shards_root):
     assert whole.path(0) == os.path.join(sample_shards_root, "val", split.split.name(0))
 
 
+def test_ranks_share_images_as_the_evaluation_loaders_do(sample_dir):
+    """Under torchrun, rank r classifies exactly the images the evaluation loader of rank r
+    yields over the same split (the one rule, loader.contiguous_share), and the ranks' shares
+    together are every image once: 7 images on 3 ranks (2, 2, 3), so an uneven split shows."""
+    from cspx.data.build import build_eval_loader
+    from cspx.data.inputs import collect, rank_share
+    from cspx.distributed import DistEnv
+    val = os.path.join(sample_dir, "val")
+    imgs = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(val) for f in fs)[::15]
+    (src,) = collect(imgs)
+    assert len(src.split) == 7
+    rows = []
+    for rank in range(3):
+        mine = rank_share(src, rank, 3)
+        loader = build_eval_loader(kind="torch", split=src.split, img_size=16, crop_pct=0.875,
+                                   interpolation="bilinear", batch_size=2,
+                                   env=DistEnv(rank=rank, world=3), workers=0,
+                                   channels_last=False)
+        evaluated = [i for _, _, idx in loader for i in idx.tolist()]
+        loader.close()
+        assert [mine.path(j) for j in range(len(mine.split))] == [imgs[i] for i in evaluated]
+        assert mine.split.files == [src.split.files[i] for i in evaluated]
+        rows += mine.rows.tolist()
+    assert rows == list(range(7))
+
+
 def test_dali_skips_what_it_cannot_decode(sample_dir, tiny_weights, tmp_path, capsys):
     """DALI stops at an image it cannot decode: predict.py finds it with PIL, gives it an error
     row and goes on with DALI; the other images are classified (on DALI's pixels, which differ

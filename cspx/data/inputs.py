@@ -24,9 +24,9 @@ from typing import Callable, List, Sequence
 
 import numpy as np
 
-from cspx.data.index import DatasetIndex
-from cspx.data.loader import DataSplit
-from cspx.data.shards import MANIFEST, MARKER, read_manifest
+from cspx.data.index import FolderSplit
+from cspx.data.loader import DataSplit, contiguous_share
+from cspx.data.shard_format import MANIFEST, MARKER, read_manifest
 from cspx.data.shard_reader import ShardSplit
 from cspx.errors import CspxError
 
@@ -46,6 +46,12 @@ class Source:
         idx = np.asarray(indices, dtype=np.int64)
         return Source(self.split.select(idx), self.rows[idx],
                       lambda i, path=self.path, idx=idx: path(int(idx[i])))
+
+
+def rank_share(src: Source, rank: int, world: int) -> Source:
+    """Rank `rank`'s share of `src` under torchrun: the evaluation loaders' split between ranks
+    (loader.contiguous_share), so a rank classifies the images it would evaluate."""
+    return src.select(np.asarray(contiguous_share(len(src.split), rank, world), dtype=np.int64))
 
 
 def _is_shards(folder: str) -> bool:
@@ -118,10 +124,10 @@ def collect(paths: Sequence[str]) -> List[Source]:
             return
         absolute = [os.path.abspath(p) for p in loose]
         root = os.path.commonpath([os.path.dirname(a) for a in absolute])
-        index = DatasetIndex(root, ["unlabelled"], [os.path.relpath(a, root) for a in absolute],
-                             np.zeros(len(absolute), dtype=np.int64))
+        split = FolderSplit(root, ["unlabelled"], [os.path.relpath(a, root) for a in absolute],
+                            np.zeros(len(absolute), dtype=np.int64))
         names = list(loose)
-        sources.append(Source(index, np.arange(rows, rows + len(names)),
+        sources.append(Source(split, np.arange(rows, rows + len(names)),
                               lambda i, names=names: names[i]))
         rows += len(names)
         loose.clear()
