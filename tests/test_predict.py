@@ -72,12 +72,12 @@ def test_shipped_imagenet_names_are_timms_in_ilsvrc_order(sample_dir):
 
 
 def test_predictions_equal_validate_top5(sample_dir, tiny_weights, tmp_path, capsys):
-    """A timm-format 1000-class state_dict: predict.py's top-5 on the 105 real images is
-    validate.py's, with the ImageNet names shipped with cspx; CSV and JSON hold the same rows."""
+    """A timm-format 1000-class state_dict: predict.py's top-5 and probabilities on the 105 real
+    images are validate.py's, named by the ImageNet names shipped with cspx."""
     from cspx.cli.validate import main as validate
     path, model = tiny_weights
     common = ["--checkpoint", path, "--model", "cspresnext_tiny", "--batch-size", "20",
-              "--loader", "torch", "--workers", "0"]
+              "--img-size", "32", "--loader", "torch", "--workers", "0"]
     assert validate(common + ["--data-dir", sample_dir, "--classes", f"{sample_dir}/synsets.txt",
                               "--predictions", str(tmp_path / "v.csv")]) == 0
     capsys.readouterr()
@@ -228,13 +228,14 @@ def test_flip_tta_is_the_mean_of_both_softmaxes(sample_dir, tiny_weights, tmp_pa
     val = os.path.join(sample_dir, "val")
     imgs = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(val) for f in fs)[:12]
     listed.write_text("\n".join(imgs))
-    base = ["--checkpoint", path, "--model", "cspresnext_tiny", "--topk", "4", listed]
+    base = ["--checkpoint", path, "--model", "cspresnext_tiny", "--topk", "4", "--img-size", "32",
+            listed]
     for tta in ("flip", "none"):
         code, out, _ = run(capsys, *base, "--tta", tta, "--out", tmp_path / f"{tta}.json")
         assert code == 0
     flip = json.load(open(tmp_path / "flip.json"))["predictions"]
     plain = json.load(open(tmp_path / "none.json"))["predictions"]
-    ref = timm_reference(model, imgs, flip=True)
+    ref = timm_reference(model, imgs, flip=True, size=32)
     wnids = synsets(sample_dir)
     for rec, p in zip(flip, ref):
         top = p.topk(4)

@@ -1,5 +1,7 @@
 """README.md's journeys run as printed: every code block after a `<!-- ci:journey -->` marker,
-in order, with bash, in one fresh folder holding the checkout's entry points.
+in the README's order, with bash, in one fresh folder holding the checkout's entry points. Two
+blocks that only read what earlier blocks made run side by side (`WAVES`): a process's start-up,
+single-threaded, overlaps the other's on the second core.
 
 Nothing in a block is rewritten. The environment is a user's after the README's two commands:
 `python` on the PATH is this interpreter, and `~/.cache/cspx/demo-data-v1` (the demo recipe's
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -17,6 +20,9 @@ from conftest import ROOT
 
 MARKER = "<!-- ci:journey -->"
 ENTRY_POINTS = ("train.py", "validate.py", "predict.py", "recipes", "scripts")
+# block indices, a wave after the one before it: train, resume, then evaluate beside fine-tune
+# (both read runs/first), then predict beside export (both read runs/finetuned)
+WAVES = ((0,), (1,), (2, 3), (4, 5))
 
 
 def blocks(text: str, marker: str):
@@ -50,10 +56,25 @@ def test_every_journey_runs_as_printed(demo_data, tmp_path):
         os.symlink(os.path.join(ROOT, name), work / name)
     env = dict(os.environ, HOME=str(home), PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    for block in journeys:
-        r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, (block, r.stdout[-2000:], r.stderr[-3000:])
+    assert sorted(i for wave in WAVES for i in wave) == list(range(len(journeys)))
+    for i in (2, 3):
+        assert "runs/first/" in journeys[i] and "run.dir=runs/first" not in journeys[i]
+    for i in (4, 5):
+        assert "runs/finetuned/" in journeys[i] and "run.dir=" not in journeys[i]
+    for wave in WAVES:
+        procs = [(journeys[i], subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", journeys[i]], cwd=work, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+            for i in wave]
+        try:
+            done = [(block, *p.communicate(timeout=300), p.returncode) for block, p in procs]
+        finally:  # a block that failed or hung does not outlive the test
+            for _, p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+        for block, out, err, code in done:
+            assert code == 0, (block, out[-2000:], err[-3000:])
     # what the journeys made: two runs, an evaluation, predictions, an exported model
     assert (work / "runs/first/checkpoints/last.pt").exists()
     assert (work / "runs/finetuned/checkpoints/best.pt").exists()
