@@ -56,8 +56,12 @@ def loader_dtype(name: str, device: torch.device) -> torch.dtype:
 def configure_backends(device: torch.device, deterministic: bool = False, tf32: bool = True) -> None:
     """Kernel choices: deterministic algorithms (and no cuDNN autotuning) when asked; on a GPU,
     cuDNN autotuning for the fixed input shapes and, with `tf32`, TF32 tensor cores for fp32
-    matmuls and convolutions (training). Without `tf32` torch's defaults stay (validation)."""
+    matmuls and convolutions (training). Without `tf32` torch's defaults stay (validation).
+    On the CPU, host memory freed by one step serves the next (cspx.hostmem)."""
     import os
+    if device.type == "cpu":
+        from cspx import hostmem
+        hostmem.retain_freed_memory()
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

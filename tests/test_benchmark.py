@@ -111,7 +111,7 @@ def test_bare_loop_uses_the_trainers_optimizer_scaler_and_schedule(tmp_path):
         assert [p.shape for p in b["params"]] == [p.shape for p in t["params"]]
         for key in ("weight_decay", "momentum", "nesterov", "dampening", "foreach", "fused"):
             assert b.get(key) == t.get(key), key
-    assert bg[0]["foreach"] is True  # on the CPU; the fused kernel on CUDA (build_optimizer)
+    assert bg[0]["foreach"] is False  # on the CPU: the single-tensor loop (build_optimizer)
     assert bare.scaler.is_enabled() == trainer.scaler.is_enabled()
     bare.runner(itertools.repeat((fixed.images, fixed.labels)))(2)
     assert bare.step == 2 and bg[0]["lr"] == lr_for(cfg, 1)

@@ -52,6 +52,38 @@ def test_sgd_step_applies_decay_only_to_weights():
         assert torch.allclose(p, expect, rtol=0, atol=1e-7), n
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_cpu_sgd_is_bit_equal_to_the_single_tensor_loop_and_foreach(nesterov):
+    """timm's train.py gets torch's single-tensor SGD loop on the CPU (foreach defaults to CUDA
+    only), and earlier cspx versions stepped with the foreach kernels: cspx's CPU optimizer
+    must give the same bits as both, step after step, with the schedule changing the LR and
+    weight decay on one group only. Net's tensors have sizes that are not multiples of the
+    vector width (torch's fused CPU kernel rounds those elements differently)."""
+    torch.manual_seed(0)
+    ours, ref = Net(), Net()
+    ref.load_state_dict(ours.state_dict())
+    cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.05, nesterov=nesterov)
+    ref2 = Net()
+    ref2.load_state_dict(ours.state_dict())
+    opt = build_optimizer(ours, cfg, CPU)
+    refs = [(m, torch.optim.SGD(param_groups(m, 0.05), lr=0.0, momentum=0.9, nesterov=nesterov,
+                                foreach=foreach)) for m, foreach in ((ref, False), (ref2, True))]
+    for step in range(5):
+        lr = 0.1 * (step + 1) / 5
+        set_lr(opt, lr)
+        for m, o in refs:
+            set_lr(o, lr)
+        for p, q, r in zip(ours.parameters(), ref.parameters(), ref2.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad, r.grad = p.grad.clone(), p.grad.clone()
+        for o in [opt] + [o for _, o in refs]:
+            o.step()
+        for m, o in refs:
+            for (n, p), q in zip(ours.named_parameters(), m.parameters()):
+                assert torch.equal(p, q), (step, n)
+                assert torch.equal(opt.state[p]["momentum_buffer"], o.state[q]["momentum_buffer"])
+
+
 def test_label_smoothed_loss_matches_torch_and_formula():
     from cspx.train_loop import training_loss
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cspx import hostmem
 from cspx.config import AugConfig
 from cspx.data.loader import CountedPosition, DataSplit, EpochBatchSampler, contiguous_share
 from cspx.data.transforms import (TrainTransform, decode_rgb, eval_transform, mean_std,
@@ -87,28 +88,9 @@ class EvalDataset(Dataset):
             return self.blank, -1, i
 
 
-M_MMAP_THRESHOLD = -3    # glibc's mallopt parameter number
-MMAP_THRESHOLD = 128 << 10  # bytes: glibc's initial value, kept fixed in the workers
-
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding parallelism comes from the workers themselves
-    _fixed_mmap_threshold()
-
-
-def _fixed_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold at 128 KiB in a worker: allocations above it (decoded images,
-    0.2-1 MB; sample tensors) are then mapped and unmapped as they come and go. By default glibc
-    raises the threshold to the largest block freed so far, after which such buffers come from
-    the heap, whose free space fragments over the varying image sizes: measured on the demo, each
-    worker's memory grew by about 15% over its first 8 epochs before levelling off, and stays
-    flat with the threshold fixed (scripts/benchmark.py memory). Elsewhere than glibc: a no-op."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
+    hostmem.worker_defaults()  # glibc's malloc as a worker needs it, not as the trainer set it
 
 
 def _collate(batch):
