@@ -18,6 +18,8 @@ every measured row, with "complete": false until the mode finishes).
   finetune    transfer: the demo's model pretrained on the demo task, fine-tuned with
               recipes/finetune.yaml on another synthetic task, beside the same model from scratch
               on the same --steps (cspx/bench/transfer.py); accuracies are deterministic on CPU
+  peer        cspx's train.py and validate.py against timm's own, from a checkout of timm's
+              repository (--timm-src), equivalent settings, whole processes (cspx/bench/peer.py)
 
 Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
@@ -28,6 +30,7 @@ Examples:
   python scripts/benchmark.py checkpoint --out-dir /data/runs/bench
   python scripts/benchmark.py memory --epochs 30 --workers 2
   python scripts/benchmark.py finetune --steps 150 --workers 2
+  python scripts/benchmark.py peer --timm-src ../pytorch-image-models --batch 16 --workers 2
 """
 from __future__ import annotations
 
@@ -54,8 +57,9 @@ MODES = {
     "memory": "cspx.bench.memory:memory",
     "shards": "cspx.bench.shards:bench",
     "finetune": "cspx.bench.transfer:finetune",
+    "peer": "cspx.bench.peer:peer",
 }
-NEEDS_DATA = ("loader", "train", "baseline", "validate", "augment", "evaldiff")
+NEEDS_DATA = ("loader", "train", "baseline", "validate", "augment", "evaldiff", "peer")
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -114,8 +118,9 @@ def parse(argv):
                    help="torch.compile backend (aot_eager rehearses compiling on a CPU)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="train mode: measure the plain-PyTorch baseline too")
-    p.add_argument("--out-dir", help="checkpoint mode: the disk to write to; a temporary folder "
-                   "is made inside it and removed at the end (default: the system's temp dir)")
+    p.add_argument("--out-dir", help="checkpoint and peer modes: the disk to write to; a temporary "
+                   "folder is made inside it and removed at the end (default: the system's temp "
+                   "dir)")
     p.add_argument("--epochs", type=int, default=30, help="memory mode: epochs per loader")
     p.add_argument("--pretrain-steps", type=int,
                    help="finetune: steps on the demo task (default: the demo recipe's 500)")
@@ -126,6 +131,16 @@ def parse(argv):
                    help="finetune: the new task's shapes in random colours (default: each class "
                    "in a colour band of its own, as in the demo)")
     p.add_argument("--timeout", type=float, default=3600, help="memory mode: seconds per loader")
+    p.add_argument("--timm-src", metavar="DIR", help="peer mode: a checkout of timm's repository "
+                   "(git clone https://github.com/huggingface/pytorch-image-models)")
+    p.add_argument("--lengths", type=flag_list(int), default=[4, 12], metavar="SHORT,LONG",
+                   help="peer mode: two training run lengths in steps (multiples of 64 images / "
+                   "--batch); a step's cost is their difference")
+    p.add_argument("--settings", type=flag_list(str), default=["plain", "recipe"],
+                   help="peer mode: plain (no RandAugment; timm --color-jitter 0) and/or recipe "
+                   "(the recipe's RandAugment; timm --aa rand-mM-nN)")
+    p.add_argument("--breakdown", action="store_true", help="peer mode: also time one step of "
+                   "each, part by part, on one thread (--steps steps; cspx/bench/peer_steps.py)")
     p.add_argument("--json", help="write the results here (an existing file is overwritten)")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
@@ -137,6 +152,9 @@ def parse(argv):
             raise CspxError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(a, name)}")
     if a.warmup < 0 or min(a.batch_sizes) <= 0:
         raise CspxError("--warmup and --batch-sizes: must be >= 0 and > 0")
+    if a.mode == "peer":
+        from cspx.bench.peer import check_checkout
+        check_checkout(a.timm_src)  # before anything slow: the one thing the mode cannot do without
     a.recipe_given = a.recipe is not None
     a.recipe = a.recipe or os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml")
     import torch
@@ -197,7 +215,7 @@ def main(argv):
                                      "provenance": prov})
     rows, extra = fn(args)
     args.report.finish(rows, extra)
-    summary = {k: v for k, v in extra.items() if k != "raw"}
+    summary = {k: v for k, v in extra.items() if k not in ("raw", "breakdown")}
     batch = "" if args.mode in ("model", "train", "baseline") else f" batch {args.batch}"
     title = (f"{args.mode}: {args.model}{batch} at {args.img_size} px on "
              f"{prov['device']}, torch {torch.__version__}")
