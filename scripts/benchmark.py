@@ -59,7 +59,8 @@ MODES = {
     "finetune": "cspx.bench.transfer:finetune",
     "peer": "cspx.bench.peer:peer",
 }
-NEEDS_DATA = ("loader", "train", "baseline", "validate", "augment", "evaldiff", "peer")
+NEEDS_DATA = ("loader", "train", "baseline", "validate", "augment", "evaldiff",
+              "peer")
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -118,9 +119,9 @@ def parse(argv):
                    help="torch.compile backend (aot_eager rehearses compiling on a CPU)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="train mode: measure the plain-PyTorch baseline too")
-    p.add_argument("--out-dir", help="checkpoint and peer modes: the disk to write to; a temporary "
-                   "folder is made inside it and removed at the end (default: the system's temp "
-                   "dir)")
+    p.add_argument("--out-dir", help="checkpoint and peer modes: the disk to write to; a "
+                   "temporary folder is made inside it and removed at the end (default: the "
+                   "system's temp dir)")
     p.add_argument("--epochs", type=int, default=30, help="memory mode: epochs per loader")
     p.add_argument("--pretrain-steps", type=int,
                    help="finetune: steps on the demo task (default: the demo recipe's 500)")
@@ -154,7 +155,7 @@ def parse(argv):
         raise CspxError("--warmup and --batch-sizes: must be >= 0 and > 0")
     if a.mode == "peer":
         from cspx.bench.peer import check_checkout
-        check_checkout(a.timm_src)  # before anything slow: the one thing the mode cannot do without
+        check_checkout(a.timm_src)  # first: the one thing the mode cannot do without
     a.recipe_given = a.recipe is not None
     a.recipe = a.recipe or os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml")
     import torch

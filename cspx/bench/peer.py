@@ -294,7 +294,8 @@ def peer(args: Namespace) -> Tuple[List[Dict], Dict]:
     timm_version, timm_file = timm_package(src, envs["timm"])
     bad = [s for s in args.settings if s not in SETTINGS]
     if bad or not args.settings:
-        raise CspxError(f"--settings: {', '.join(bad) or 'none'}; choose from {', '.join(SETTINGS)}")
+        raise CspxError(f"--settings: {', '.join(bad) or 'none'}; choose from "
+                        f"{', '.join(SETTINGS)}")
     short, long = sorted(set(args.lengths))[:2] if len(set(args.lengths)) == 2 else (0, 0)
     if not 0 < short < long:
         raise CspxError(f"--lengths: two different run lengths in steps, e.g. 4,12; got "
@@ -306,10 +307,14 @@ def peer(args: Namespace) -> Tuple[List[Dict], Dict]:
         raise CspxError("--set: the peer mode sets both sides from the recipe alone; pass a "
                         "recipe of your own with --recipe instead")
     device = device_of(args).type
+    if args.breakdown and device != "cpu":
+        raise CspxError("--breakdown: times one CPU thread's work part by part; on a GPU the parts "
+                        "overlap asynchronously. Run it with --device cpu")
+    fp = "fp32" if args.precision == "auto" else args.precision  # the comparison's: fp32
     peers = {s: Peer(recipe=os.path.abspath(args.recipe), setting=s, model=args.model,
                      batch=args.batch, img_size=args.img_size, workers=args.workers,
-                     device=device, precision="fp32" if args.precision == "auto" else args.precision,
-                     channels_last=args.channels_last) for s in args.settings}
+                     device=device, precision=fp, channels_last=args.channels_last)
+             for s in args.settings}
     scratch = tempfile.mkdtemp(prefix="cspx-bench-peer-", dir=args.out_dir)
     try:
         data, twice, classes = build_data(args.data, scratch)
@@ -360,12 +365,12 @@ def peer(args: Namespace) -> Tuple[List[Dict], Dict]:
             for n in validate:
                 for tool in ("cspx", "timm"):
                     go(("val", n), tool, validate[n][tool], f"validate.py ({n} images)")
-            for key in [(s, n) for s in peers for n in (short, long)] + [("val", n) for n in validate]:
+            whole = [(s, n) for s in peers for n in (short, long)] + [("val", n) for n in validate]
+            for key in whole:
                 _fill(row_of[key], runs[key + ("cspx",)], runs[key + ("timm",)])
             for s in peers:
-                _fill(row_of[(s, "step")],
-                      *(_difference(runs[(s, long, t)], runs[(s, short, t)]) for t in ("cspx", "timm")),
-                      per=long - short)
+                _fill(row_of[(s, "step")], *(_difference(runs[(s, long, t)], runs[(s, short, t)])
+                                             for t in ("cspx", "timm")), per=long - short)
             _fill(row_of[("val", "ips")],
                   *(_difference(runs[("val", 2 * IMAGES, t)], runs[("val", IMAGES, t)])
                     for t in ("cspx", "timm")))
