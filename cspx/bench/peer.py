@@ -119,6 +119,12 @@ def timm_train_argv(cfg, p: Peer, src: str, data: str, out: str, name: str, step
         if value != neutral:
             raise CspxError(f"{p.recipe}: {key}={value} has no equivalent in timm's train.py; the "
                             f"peer mode compares recipes without it")
+    from cspx.models import eval_protocol
+    ev = eval_protocol(cfg.model.name, img_size=e.img_size, crop_pct=e.crop_pct,
+                       interpolation=e.interpolation)  # a recipe's null eval.* resolved
+    if ev.img_size != a.img_size:
+        raise CspxError(f"{p.recipe}: eval.img_size={ev.img_size} differs from aug.img_size="
+                        f"{a.img_size}; timm's train.py evaluates at its training size")
     micro = t.batch_size // t.accum_steps
     per_epoch = images // micro
     if per_epoch == 0 or steps % per_epoch:
@@ -140,7 +146,7 @@ def timm_train_argv(cfg, p: Peer, src: str, data: str, out: str, name: str, step
             "--scale", _num(a.scale[0]), _num(a.scale[1]),
             "--ratio", _num(a.ratio[0]), _num(a.ratio[1]), "--hflip", _num(a.hflip),
             "--train-interpolation", a.interpolation,
-            "--crop-pct", _num(e.crop_pct), "--interpolation", e.interpolation,
+            "--crop-pct", _num(ev.crop_pct), "--interpolation", ev.interpolation,
             "--val-interval", str(epochs), "--checkpoint-hist", str(cfg.checkpoint.keep_last),
             "--output", out, "--experiment", name, "--seed", str(cfg.seed),
             "--log-interval", str(cfg.run.log_every_steps)]

@@ -62,10 +62,10 @@ def cspx_steps(recipe: str, overrides: List[str], steps: int) -> Dict[str, List[
     precision.configure_backends(device)  # what train.py's setup does
     torch.set_num_threads(1)
     index = build_index(f"{cfg.data.root}/train", None, warn=False)
-    dataset = TrainDataset(index, cfg.aug, cfg.seed)
+    dataset = TrainDataset(split=index, aug=cfg.aug, seed=cfg.seed)
     model = create_model(cfg.model.name, num_classes=index.num_classes).train()
     opt = build_sgd(model, cfg.optim, device)
-    feeder = DeviceFeeder(device, cfg.model.channels_last)
+    feeder = DeviceFeeder(device=device, channels_last=cfg.model.channels_last)
     loss_sum = torch.zeros(())
     part = Parts()
     b = cfg.train.batch_size
