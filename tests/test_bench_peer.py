@@ -7,13 +7,20 @@ import importlib.util
 import os
 
 import pytest
-
 from conftest import ROOT
-from cspx.bench.peer import (IMAGES, Peer, build_data, check_checkout, cspx_overrides,
-                             cspx_validate_argv, timm_train_argv, timm_validate_argv)
+
+from cspx.bench.peer import build_data, check_checkout
+from cspx.bench.peer_args import (
+    IMAGES,
+    Peer,
+    cspx_overrides,
+    cspx_validate_argv,
+    timm_train_argv,
+    timm_validate_argv,
+)
 from cspx.config import load_config
 from cspx.errors import CspxError, run_cli
-from cspx.optim import lr_for
+from cspx.schedule import lr_for
 
 CLONE = "git clone https://github.com/huggingface/pytorch-image-models"
 RECIPE = os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml")
@@ -104,19 +111,32 @@ def test_both_sides_get_the_same_settings(setting, tmp_path):
     assert cv["--img-size"] == tv["--img-size"] == ["224"] and "--channels-last" not in cv
 
 
-def test_what_timm_cannot_run_is_refused_in_one_line():
+def test_what_the_mapping_does_not_carry_over_is_refused_in_one_line():
     p = Peer(recipe=RECIPE, setting="plain", model="cspresnext50", batch=16, img_size=224,
              workers=2, device="cpu", precision="fp32", channels_last=False)
-    cfg = load_config(RECIPE, cspx_overrides(p, "/d", "/r", 10), check_paths=False)
+
+    def argv(steps, *extra):
+        cfg = load_config(RECIPE, cspx_overrides(p, "/d", "/r", steps) + list(extra),
+                          check_paths=False)
+        return timm_train_argv(cfg, p, "/timm", "/d", "/out", "x", steps, classes=64)
+
     with pytest.raises(CspxError, match="give multiples of 4"):
-        timm_train_argv(cfg, p, "/timm", "/d", "/out", "x", 10, classes=64)
-    cfg = load_config(RECIPE, cspx_overrides(p, "/d", "/r", 8) + ["aug.rotate=5"],
-                      check_paths=False)
-    with pytest.raises(CspxError, match="aug.rotate=5.0 has no equivalent"):
-        timm_train_argv(cfg, p, "/timm", "/d", "/out", "x", 8, classes=64)
-    cfg = load_config(RECIPE, cspx_overrides(p, "/d", "/r", 8) + ["optim.nesterov=true"],
-                      check_paths=False)
-    assert _flags(timm_train_argv(cfg, p, "/timm", "/d", "/out", "x", 8, 64))["--opt"] == ["sgd"]
+        argv(10)
+    for key in ("aug.rotate=5", "aug.policy=trivialaugment", "aug.mixup_alpha=0.2",
+                "aug.erase_prob=0.25", "optim.name=adamw", "optim.head_lr_mult=10",
+                "train.freeze_backbone_steps=4"):
+        with pytest.raises(CspxError, match=f"{key.split('=')[0]}=.* is not mapped") as e:
+            argv(8, key)
+        assert len(str(e.value).splitlines()) == 1
+    assert _flags(argv(8, "optim.nesterov=true"))["--opt"] == ["sgd"]
+    # two micro-batches per step: an epoch is 64 / 16 = 4 optimizer steps of 2 x 8 images
+    f = _flags(argv(8, "train.accum_steps=2"))
+    assert (f["-b"], f["--grad-accum-steps"], f["--epochs"]) == (["8"], ["2"], ["2"])
+    # a recipe with another schedule gets the comparison's: poly without warmup on both sides
+    cfg = load_config(os.path.join(ROOT, "recipes", "cspresnext50_modern.yaml"),
+                      cspx_overrides(p, "/d", "/r", 8), check_paths=False)
+    assert (cfg.sched.kind, cfg.sched.burn_in, cfg.sched.warmup_steps, cfg.sched.min_lr) == (
+        "poly", 0, 0, 0.0)
 
 
 def test_scratch_data_takes_one_image_per_class_in_turn(small_imagenet, tmp_path):

@@ -12,8 +12,9 @@ Settings (--settings): `plain` is the recipe without RandAugment (timm: --color-
 `recipe` is the recipe as it is (RandAugment 2 ops at magnitude 7; timm: --aa rand-m7-n2).
 Both sides get the same values, read from one cspx config (the recipe, --recipe, with the
 overrides `cspx_overrides` lists); `timm_train_argv` maps every key that matters for the work
-of a run to timm's flag and refuses what timm cannot express. What stays different, because
-one tool cannot do what the other does, is listed in docs/performance.md (Peer comparison).
+of a run to timm's flag and refuses what it does not map (cspx/bench/peer_args.py). What stays
+different, because one tool cannot do what the other does, is listed in docs/performance.md
+(Peer comparison).
 
 Data: 64 images from --data (default: the ImageNet sample), one per class as far as the
 classes go, copied into a scratch folder as train/ and val/ (the same images in both); the
@@ -32,14 +33,21 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from cspx.bench.peer_args import (
+    IMAGES,
+    ROOT,
+    Peer,
+    cspx_overrides,
+    cspx_train_argv,
+    cspx_validate_argv,
+    timm_train_argv,
+    timm_validate_argv,
+)
 from cspx.errors import CspxError, last_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLONE = "git clone https://github.com/huggingface/pytorch-image-models"
-IMAGES = 64                     # training images, and validation images of the short run
 SETTINGS = ("plain", "recipe")
 TIMM_MODELS = ("cspresnext50", "cspresnet50", "cspdarknet53")  # cspx models timm also has
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
@@ -64,125 +72,6 @@ def check_checkout(src: Optional[str]) -> str:
     if not m:
         raise CspxError(f"--timm-src {src}: {version_file} names no __version__")
     return m.group(1)
-
-
-@dataclass(frozen=True)
-class Peer:
-    """What both sides of one comparison share, from the benchmark's flags."""
-    recipe: str
-    setting: str          # "plain" or "recipe"
-    model: str
-    batch: int            # images per optimizer step
-    img_size: int         # px, training and evaluation
-    workers: int          # DataLoader workers, each side
-    device: str           # "cpu" or "cuda"
-    precision: str        # fp32, bf16 or fp16
-    channels_last: bool
-
-
-def cspx_overrides(p: Peer, data: str, run_dir: str, steps: int) -> List[str]:
-    """The recipe keys the peer comparison sets on cspx's side. The burn-in goes (timm's poly
-    schedule has a linear warm-up only; the time of a step does not depend on the LR), and
-    evaluation and the checkpoint come once, at the end, as timm's are set to."""
-    out = [f"data.root={data}", f"run.dir={run_dir}", "data.loader=torch",
-           f"data.workers={p.workers}", f"run.device={p.device}", f"model.name={p.model}",
-           f"model.channels_last={str(p.channels_last).lower()}", f"train.batch_size={p.batch}",
-           f"train.steps={steps}", f"train.precision={p.precision}", f"aug.img_size={p.img_size}",
-           f"eval.img_size={p.img_size}", f"eval.batch_size={p.batch}", "eval.every_steps=0",
-           "checkpoint.every_steps=0", "sched.burn_in=0"]
-    if p.setting == "plain":
-        out.append("aug.randaugment_ops=0")
-    return out
-
-
-def cspx_train_argv(p: Peer, data: str, run_dir: str, steps: int) -> List[str]:
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--recipe", p.recipe,
-            *cspx_overrides(p, data, run_dir, steps)]
-
-
-def _num(x: float) -> str:
-    """A flag value as timm's argparse reads it back: 7.0 -> '7', 0.005 -> '0.005'."""
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
-
-
-def timm_train_argv(cfg, p: Peer, src: str, data: str, out: str, name: str, steps: int,
-                    classes: int, images: int = IMAGES) -> List[str]:
-    """timm's train.py command for the same run as cspx's `cfg` (the config cspx_overrides
-    gives). timm runs whole epochs of images // micro-batch steps, so `steps` must be a
-    multiple of that; evaluation and checkpoint only after the last epoch (--val-interval)."""
-    t, a, o, e = cfg.train, cfg.aug, cfg.optim, cfg.eval
-    unsupported = [(a.hue, 0.0, "aug.hue"), (a.saturation, 1.0, "aug.saturation"),
-                   (a.exposure, 1.0, "aug.exposure"), (a.rotate, 0.0, "aug.rotate"),
-                   (cfg.model.compile, False, "model.compile"),
-                   (cfg.model.sync_bn, False, "model.sync_bn")]
-    for value, neutral, key in unsupported:
-        if value != neutral:
-            raise CspxError(f"{p.recipe}: {key}={value} has no equivalent in timm's train.py; the "
-                            f"peer mode compares recipes without it")
-    from cspx.models import eval_protocol
-    ev = eval_protocol(cfg.model.name, img_size=e.img_size, crop_pct=e.crop_pct,
-                       interpolation=e.interpolation)  # a recipe's null eval.* resolved
-    if ev.img_size != a.img_size:
-        raise CspxError(f"{p.recipe}: eval.img_size={ev.img_size} differs from aug.img_size="
-                        f"{a.img_size}; timm's train.py evaluates at its training size")
-    micro = t.batch_size // t.accum_steps
-    per_epoch = images // micro
-    if per_epoch == 0 or steps % per_epoch:
-        raise CspxError(f"--lengths: timm's train.py runs whole epochs of {per_epoch} steps "
-                        f"({images} images / batch {micro}); give multiples of {per_epoch}")
-    epochs = steps // per_epoch
-    argv = [sys.executable, os.path.join(src, "train.py"), "--data-dir", data,
-            "--train-split", "train", "--val-split", "val", "--model", cfg.model.name,
-            "--num-classes", str(cfg.model.num_classes or classes), "--img-size", str(a.img_size),
-            "--device", p.device, "-b", str(micro), "--grad-accum-steps", str(t.accum_steps),
-            "-vb", str(e.batch_size), "--workers", str(cfg.data.workers), "--no-prefetcher",
-            # SGD: timm's "sgd" is Nesterov, "momentum" is plain momentum
-            "--opt", "sgd" if o.nesterov else "momentum", "--lr", _num(o.lr),
-            "--momentum", _num(o.momentum), "--weight-decay", _num(o.weight_decay),
-            # poly decay over the run's updates, no warm-up: cspx's sched with burn_in 0
-            "--sched", "poly", "--decay-rate", _num(cfg.sched.power), "--sched-on-updates",
-            "--warmup-epochs", "0", "--min-lr", "0", "--epochs", str(epochs),
-            "--smoothing", _num(t.label_smoothing),
-            "--scale", _num(a.scale[0]), _num(a.scale[1]),
-            "--ratio", _num(a.ratio[0]), _num(a.ratio[1]), "--hflip", _num(a.hflip),
-            "--train-interpolation", a.interpolation,
-            "--crop-pct", _num(ev.crop_pct), "--interpolation", ev.interpolation,
-            "--val-interval", str(epochs), "--checkpoint-hist", str(cfg.checkpoint.keep_last),
-            "--output", out, "--experiment", name, "--seed", str(cfg.seed),
-            "--log-interval", str(cfg.run.log_every_steps)]
-    argv += (["--aa", f"rand-m{_num(a.randaugment_magnitude)}-n{a.randaugment_ops}"]
-             if a.randaugment_ops else ["--color-jitter", "0"])
-    if cfg.model.channels_last:
-        argv.append("--channels-last")
-    if cfg.model.drop_path_rate:
-        argv += ["--drop-path", _num(cfg.model.drop_path_rate)]
-    if t.precision != "fp32":
-        argv += ["--amp", "--amp-dtype", {"bf16": "bfloat16", "fp16": "float16"}[t.precision]]
-    if t.clip_grad_norm is not None:
-        argv += ["--clip-grad", _num(t.clip_grad_norm), "--clip-mode", "norm"]
-    if cfg.ema.enabled:
-        argv += ["--model-ema", "--model-ema-decay", _num(cfg.ema.decay)]
-    return argv
-
-
-def cspx_validate_argv(p: Peer, weights: str, val: str) -> List[str]:
-    argv = [sys.executable, os.path.join(ROOT, "validate.py"), "--checkpoint", weights,
-            "--data-dir", val, "--model", p.model, "--batch-size", str(p.batch),
-            "--workers", str(p.workers), "--device", p.device, "--precision", p.precision,
-            "--loader", "torch", "--img-size", str(p.img_size)]
-    return argv + (["--channels-last"] if p.channels_last else [])
-
-
-def timm_validate_argv(p: Peer, src: str, weights: str, val: str, classes: int) -> List[str]:
-    """timm's validate.py on the same folder, weights and settings; crop and interpolation come
-    from timm's pretrained config of the model, which cspx's evaluation preset copies."""
-    argv = [sys.executable, os.path.join(src, "validate.py"), val, "--model", p.model,
-            "--num-classes", str(classes), "--checkpoint", weights, "-b", str(p.batch),
-            "-j", str(p.workers), "--device", p.device, "--no-prefetcher",
-            "--img-size", str(p.img_size), "--log-freq", "1000"]
-    if p.precision != "fp32":
-        argv += ["--amp", "--amp-dtype", {"bf16": "bfloat16", "fp16": "float16"}[p.precision]]
-    return argv + (["--channels-last"] if p.channels_last else [])
 
 
 # ----- data ---------------------------------------------------------------------------------------
@@ -291,6 +180,7 @@ def _difference(long: List[Dict[str, float]], short: List[Dict[str, float]]):
 
 def peer(args: Namespace) -> Tuple[List[Dict], Dict]:
     import torch
+
     from cspx.bench.steps import device_of
     from cspx.config import load_config
     from cspx.models import create_model

@@ -49,13 +49,15 @@ class Parts:
 
 def cspx_steps(recipe: str, overrides: List[str], steps: int) -> Dict[str, List[float]]:
     import torch
+
     from cspx import precision
     from cspx.config import load_config
     from cspx.data.index import build_index
     from cspx.data.torch_loader import DeviceFeeder, TrainDataset, _collate
     from cspx.data.transforms import decode_rgb, sample_seed, seeded
     from cspx.models import create_model
-    from cspx.optim import build_sgd, lr_for, set_lr
+    from cspx.optim import build_optimizer, set_lr
+    from cspx.schedule import lr_for
     from cspx.train_loop import training_loss
     cfg = load_config(recipe, overrides, check_paths=False)
     device = torch.device("cpu")
@@ -64,7 +66,7 @@ def cspx_steps(recipe: str, overrides: List[str], steps: int) -> Dict[str, List[
     index = build_index(f"{cfg.data.root}/train", None, warn=False)
     dataset = TrainDataset(split=index, aug=cfg.aug, seed=cfg.seed)
     model = create_model(cfg.model.name, num_classes=index.num_classes).train()
-    opt = build_sgd(model, cfg.optim, device)
+    opt = build_optimizer(model, cfg.optim, device)
     feeder = DeviceFeeder(device=device, channels_last=cfg.model.channels_last)
     loss_sum = torch.zeros(())
     part = Parts()
@@ -73,8 +75,8 @@ def cspx_steps(recipe: str, overrides: List[str], steps: int) -> Dict[str, List[
         samples = []
         for i in range(step * b, (step + 1) * b):
             j = i % len(index)
-            img = part("decode", lambda: decode_rgb(index.read(j)))
-            ctx = part("seeding", lambda: seeded(sample_seed(cfg.seed, 0, j)))
+            img = part("decode", lambda j=j: decode_rgb(index.read(j)))
+            ctx = part("seeding", lambda j=j: seeded(sample_seed(cfg.seed, 0, j)))
             part("seeding", ctx.__enter__)
             for name, stage in dataset.transform.steps:  # TrainTransform's own stages
                 img = part(name, stage, img)
@@ -82,7 +84,7 @@ def cspx_steps(recipe: str, overrides: List[str], steps: int) -> Dict[str, List[
             samples.append((img, int(index.labels[j]), 0))
         x, y, _ = part("collate", _collate, samples)
         x, y = part("normalize", feeder, x, y)
-        part("bookkeeping", lambda: set_lr(opt, lr_for(cfg, step)))
+        part("bookkeeping", lambda step=step: set_lr(opt, lr_for(cfg, step)))
         out = part("forward", model, x)
         loss = part("loss", training_loss, out, y, cfg.train.label_smoothing)
         part("backward", loss.backward)
@@ -97,15 +99,15 @@ def timm_steps(data: str, model_name: str, batch: int, img_size: int, scale: Lis
                ratio: List[float], hflip: float, interpolation: str, aa: str, opt: str,
                lr: float, momentum: float, wd: float, power: float, smoothing: float,
                steps: int) -> Dict[str, List[float]]:
+    import timm
     import torch
     from PIL import Image
-    from torch.utils.data import default_collate
-    import timm
     from timm.data import create_dataset, create_transform
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import AverageMeter
+    from torch.utils.data import default_collate
     torch.set_num_threads(1)
     dataset = create_dataset("", root=data, split="train", is_training=True)
     # train.py's create_loader -> create_transform, with the flags the peer mode passes
@@ -130,7 +132,7 @@ def timm_steps(data: str, model_name: str, batch: int, img_size: int, scale: Lis
         for i in range(step * batch, (step + 1) * batch):
             j = i % len(dataset)
             path, target = dataset.reader.samples[j]
-            img = part("decode", lambda: Image.open(path).convert("RGB"))
+            img = part("decode", lambda path=path: Image.open(path).convert("RGB"))
             for t in tf.transforms:
                 img = part(names.get(type(t).__name__, type(t).__name__), t, img)
             samples.append((img, target))
@@ -140,8 +142,8 @@ def timm_steps(data: str, model_name: str, batch: int, img_size: int, scale: Lis
         part("backward", loss.backward)
         part("optimizer", optimizer.step)
         part("zero_grad", optimizer.zero_grad)
-        part("bookkeeping", lambda: (losses.update(loss.item(), batch),
-                                     sched.step_update(num_updates=step + 1)))
+        part("bookkeeping", lambda loss=loss, step=step: (
+            losses.update(loss.item(), batch), sched.step_update(num_updates=step + 1)))
         part.end_step()
     return part.medians()
 
@@ -175,6 +177,7 @@ def breakdown(setting: str, cspx_spec: Dict, timm_argv: List[str], data: str, st
     step, cspx beside timm, then the totals of the workers' and the main process's parts."""
     import os
     import subprocess
+
     from cspx.errors import CspxError, last_line
     got = {}
     for tool, spec in (("cspx", {**cspx_spec, "steps": steps}),
