@@ -39,6 +39,8 @@ def test_every_stage_in_order_with_its_draws(seed):
     t = TrainTransform(aug)
     assert [name for name, _ in t.steps] == ["crop", "rotate", "flip", "hue", "saturation",
                                              "exposure", "RandAugment", "to tensor"]
+    assert [name for name, _ in TrainTransform(AugConfig(policy="autoaugment")).steps] == [
+        "crop", "flip", "AutoAugment", "to tensor"]
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
     with seeded(seed):
@@ -51,6 +53,6 @@ def test_every_stage_in_order_with_its_draws(seed):
         x = F.adjust_hue(x, (float(torch.rand(())) * 2 - 1) * 0.1)
         x = F.adjust_saturation(x, _scale(1.5))
         x = F.adjust_brightness(x, _scale(1.5))
-        x = t.ra(x)
+        x = t.policy(x)
         ref = torch.from_numpy(np.asarray(x, dtype=np.uint8).copy()).permute(2, 0, 1)
     assert got.dtype == torch.uint8 and torch.equal(got, ref)
