@@ -71,7 +71,7 @@ def test_cpu_sgd_is_bit_equal_to_the_single_tensor_loop_and_foreach(nesterov):
     for step in range(5):
         lr = 0.1 * (step + 1) / 5
         set_lr(opt, lr)
-        for m, o in refs:
+        for _, o in refs:
             set_lr(o, lr)
         for p, q, r in zip(ours.parameters(), ref.parameters(), ref2.parameters()):
             p.grad = torch.randn_like(p)
