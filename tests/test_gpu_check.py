@@ -45,7 +45,7 @@ def test_rehearsal_runs_every_step_on_the_cpu(sample_dir, tmp_path):
     assert r.returncode == 0, summary + r.stderr[-2000:]
     for step in STEPS:
         assert re.search(rf"^{re.escape(step)}\s+ok\s", summary, re.M), step
-    assert f"sample: {sample_dir}\n" in summary
+    assert f"sample: {os.path.realpath(sample_dir)}\n" in summary  # gpu_check.sh: realpath
     # the offline install: a wheel built here, installed into OUT/site, imported from there
     assert (out / "site" / "nvidia" / "cspx_rehearsal_probe" / "__init__.py").is_file()
     preflight = (out / "preflight.log").read_text()
