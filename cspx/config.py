@@ -170,6 +170,12 @@ class TrainConfig:
     deterministic: bool = False        # deterministic kernels (slower on GPU; CPU is already)
     # optimizer steps during which only the classifier trains (cspx.freeze); then everything
     freeze_backbone_steps: int = 0
+    # a step whose loss or gradient norm is not finite (NaN, inf): stop the run (no checkpoint
+    # holding one is written) or skip the step on the device as a GradScaler does (cspx.divergence)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # consecutive skipped steps (non-finite gradients under skip, and fp16 loss-scale skips)
+    # that stop the run as a divergence
+    max_skipped_steps: int = 50
 
     def __post_init__(self):
         _check(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
@@ -180,6 +186,8 @@ class TrainConfig:
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "must be > 0")
         _check(self.freeze_backbone_steps >= 0, "freeze_backbone_steps", "must be >= 0")
+        _check(self.max_skipped_steps >= 1, "max_skipped_steps",
+               f"must be >= 1, got {self.max_skipped_steps}")
 
 
 @dataclass(frozen=True)
@@ -276,10 +284,15 @@ class CheckpointConfig:
     every_steps: int = 5000            # 0: only at the end and on preemption
     keep_last: int = 3                 # step_*.pt files kept, besides best.pt and last.pt
     async_save: bool = True            # write in a background thread after a snapshot
+    # consecutive failed saves (disk full, quota, file-size limit, I/O error) that stop the run;
+    # a failed final or preemption save stops it at once
+    max_failed_saves: int = 3
 
     def __post_init__(self):
         _check(self.every_steps >= 0, "every_steps", "must be >= 0")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        _check(self.max_failed_saves >= 1, "max_failed_saves",
+               f"must be >= 1, got {self.max_failed_saves}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ after every optimizer step."""
 from __future__ import annotations
 
 import copy
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -32,9 +32,16 @@ class ModelEma:
         return self._pairs
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skipped: Optional[torch.Tensor] = None) -> None:
+        """One step of the average. `skipped` (the step's found_inf under
+        train.on_nonfinite=skip, a 0-dim device tensor, 1.0 for a skipped step) makes the weight
+        0 for a skipped step, on the device: the average then stays exactly as it was."""
         ema_f, model_f, ints = self._tensors(model)
-        torch._foreach_lerp_(ema_f, model_f, 1.0 - self.decay)
+        if skipped is None:
+            torch._foreach_lerp_(ema_f, model_f, 1.0 - self.decay)
+        else:
+            w = (1.0 - skipped) * (1.0 - self.decay)
+            torch._foreach_lerp_(ema_f, model_f, [w] * len(ema_f))
         for d, s in ints:
             d.copy_(s)
 

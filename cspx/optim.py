@@ -47,9 +47,10 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
     return out
 
 
-def _kernel(cls: type, device: torch.device) -> Dict[str, bool]:
+def _kernel(cls: type, device: torch.device, skips: bool) -> Dict[str, bool]:
     """The fused CUDA kernel where this torch has it for `cls`, else the foreach implementation
-    (one kernel per group of tensors instead of one per parameter); SGD on the CPU excepted.
+    (one kernel per group of tensors instead of one per parameter); SGD on the CPU excepted, and
+    `skips` (train.on_nonfinite=skip) takes the fused kernel on the CPU too (build_optimizer).
 
     SGD on the CPU takes the single-tensor loop, the one timm's train.py gets there (torch's
     foreach default covers CUDA only): it computes the same bits as the foreach implementation
@@ -59,25 +60,42 @@ def _kernel(cls: type, device: torch.device) -> Dict[str, bool]:
     but rounds differently where a tensor's size is not a multiple of the vector width, which
     would end the bitwise equality with timm's step. AdamW keeps the foreach kernels on every
     device (the peer comparison with timm measured SGD only)."""
-    if device.type == "cuda" and "fused" in inspect.signature(cls).parameters:
+    fused = "fused" in inspect.signature(cls).parameters
+    if fused and (device.type == "cuda" or skips):
         return {"fused": True}
+    if skips:
+        raise CspxError("train.on_nonfinite: skip needs torch's fused optimizers (torch >= 2.4)")
     if device.type == "cpu" and cls is torch.optim.SGD:
         return {"foreach": False}
     return {"foreach": True}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
+                    skips: bool = False) -> torch.optim.Optimizer:
     """optim.name over `param_groups`. Every parameter is in a group, including any that do not
     train yet (train.freeze_backbone_steps): a parameter without a gradient is skipped by the
     step (no decay, no state) until it has one. Its LR starts at 0: the schedule
-    (`cspx.schedule.lr_for`, through `set_lr`) sets it before every step."""
+    (`cspx.schedule.lr_for`, through `set_lr`) sets it before every step.
+
+    `skips` (train.on_nonfinite=skip): the optimizer must skip a step on the device when told
+    to (a `found_inf` flag, as a GradScaler tells fused optimizers), which only the fused
+    kernels do, so they are used on the CPU too (torch >= 2.4). The CPU's fused kernels round a
+    few elements differently from the foreach ones, which is why the default path keeps
+    foreach. SGD's momentum buffers are made here, as zeros: its fused kernel allocates them
+    uninitialized at the first step and would leave them so if that step were skipped (zeros
+    give the same first step: buf = momentum * 0 + grad). AdamW's state starts as zeros anyway,
+    and its fused step takes a skipped step back off its step count."""
     groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps,
-                                 **_kernel(torch.optim.AdamW, device))
-    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           **_kernel(torch.optim.SGD, device))
+                                 **_kernel(torch.optim.AdamW, device, skips))
+    opt = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          **_kernel(torch.optim.SGD, device, skips))
+    if skips and cfg.momentum:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -113,6 +113,16 @@ def setup_console(is_main: bool, verbose: bool = False, keep: bool = False) -> N
         logger.addHandler(_Buffer())
 
 
+def to_log_files(message: str, level: int = logging.ERROR) -> None:
+    """`message` into the log files only (train.log): the error line a run ends with, which the
+    command line prints on the console itself."""
+    logger = logging.getLogger("cspx")
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def attach_log_file(path: str) -> None:
     """Append the log to `path` from now on, starting with what was logged so far."""
     logger = logging.getLogger("cspx")

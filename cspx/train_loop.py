@@ -6,7 +6,10 @@ the loader and the batch augmentation's generators) each expose state_dict()/loa
 and register once with the `cspx.checkpoint.Checkpointer`, which decides after every step
 whether a checkpoint is due (as torchtitan's trainer asks its checkpointer). The hot loop never
 reads a device value back to the host: the loss is summed on the device and read every
-`run.log_every_steps` steps, and the stop vote is a host-side collective.
+`run.log_every_steps` steps, and the stop vote is a host-side collective. The divergence guard
+(cspx.divergence) flags a non-finite loss or gradient norm on the device; it is read with the
+loss and before every checkpoint, and a diverged run ends there (`RunFailure`, exit 1) without
+writing a checkpoint.
 """
 from __future__ import annotations
 
@@ -23,14 +26,14 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cspx import precision, watchdog
-from cspx.checkpoint import Checkpointer
+from cspx import divergence, precision, watchdog
+from cspx.checkpoint import Checkpointer, NonfiniteState
 from cspx.config import Config
 from cspx.data.batch_aug import BatchAugment
 from cspx.data.loader import EvalLoader, TrainLoader
 from cspx.distributed import DistEnv, StopVote, broadcast_buffers
 from cspx.ema import ModelEma
-from cspx.errors import CspxError
+from cspx.errors import CspxError, RunFailure
 from cspx.eval_metrics import evaluate
 from cspx.freeze import BackboneFreeze
 from cspx.optim import OptimizerState, group_lrs, set_lr
@@ -60,15 +63,17 @@ class Progress:
 
     FIELDS = ("step", "micro_step", "images", "best_top1", "best_step")
 
-    def __init__(self, device: torch.device, loader: TrainLoader):
+    def __init__(self, device: torch.device, loader: TrainLoader, guard: divergence.Guard):
         self.step = 0              # optimizer steps done
         self.micro_step = 0        # micro-batches into the current accumulation (0 between steps)
         self.images = 0            # training images consumed, over all ranks
         self.best_top1: Optional[float] = None
         self.best_step: Optional[int] = None
-        self.loss_sum = torch.zeros((), device=device)  # sum of micro-batch mean losses
-        self.loss_n = 0
-        self._loader = loader
+        self.loss_sum = torch.zeros((), device=device)  # sum of the finite micro-batch losses
+        self.loss_n = 0            # micro-batches in the window
+        # of which with a non-finite loss (left out of loss_sum, so the mean stays readable)
+        self.loss_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self._loader, self._guard = loader, guard
 
     def state_dict(self) -> Dict[str, Any]:
         ld = self._loader
@@ -76,7 +81,9 @@ class Progress:
                 # informational: completed epochs and micro-batches into the current one (the
                 # loader's own state is what resumes the data order)
                 "epoch": int(ld.epoch), "epoch_position": round(ld.epoch % 1 * ld.batches_per_epoch),
-                "loss_sum": float(self.loss_sum), "loss_n": self.loss_n}
+                "loss_sum": float(self.loss_sum), "loss_n": self.loss_n,
+                "loss_nonfinite": int(self.loss_nonfinite),
+                "nonfinite": self._guard.state_dict()}
 
     def load_state_dict(self, s: Dict[str, Any]) -> None:
         if s.get("micro_step", 0) != 0:
@@ -86,6 +93,8 @@ class Progress:
             setattr(self, k, s[k])
         self.loss_sum.fill_(s.get("loss_sum", 0.0))
         self.loss_n = s.get("loss_n", 0)
+        self.loss_nonfinite.fill_(s.get("loss_nonfinite", 0))
+        self._guard.load_state_dict(s.get("nonfinite") or {"read_step": s["step"]})
 
 
 class Trainer:
@@ -104,7 +113,16 @@ class Trainer:
                                            enabled=precision.uses_loss_scaling(self.precision))
         self.ema = ModelEma(model, cfg.ema.decay) if cfg.ema.enabled else None
         self.metrics, self.ckpt = metrics, ckpt
-        self.progress = Progress(env.device, train_loader)
+        t = cfg.train
+        self.guard = divergence.Guard(mode=t.on_nonfinite, max_skipped=t.max_skipped_steps,
+                                      loss_scaling=self.scaler.is_enabled(), env=env)
+        if self.guard.skip and not optimizer.defaults.get("fused"):
+            raise ValueError("train.on_nonfinite=skip needs build_optimizer(..., skips=True)")
+        # skip: the buffers a skipped step's forward pass changed are put back
+        self._buffers = divergence.BufferRestore(model) if self.guard.skip else None
+        self._params = list(model.parameters())
+        self._read_at = -1  # the step of the guard's last read
+        self.progress = Progress(env.device, train_loader, self.guard)
         self.rng = RngState(env.device)
         # random erasing and mixup / CutMix on each micro-batch, after either loader; label
         # smoothing goes into the soft targets when mixing, else into the loss (training_loss)
@@ -176,6 +194,9 @@ class Trainer:
             log.info(f"step {p.step}: the backbone is unfrozen, every parameter trains from now on")
             self.wrap()
         set_lr(self.optimizer, lr_for(self.cfg, p.step))
+        if self._buffers is not None:
+            self._buffers.save()
+        loss_bad = None
         for micro in range(t.accum_steps):
             p.micro_step = micro
             images, targets = self._next_batch()  # labels, or soft targets when mixing
@@ -188,19 +209,41 @@ class Trainer:
                     logits = self.forward_model(images)
                     loss = training_loss(logits, targets, t.label_smoothing)
                 self.scaler.scale(loss / t.accum_steps).backward()
-            p.loss_sum += loss.detach()
+            bad = ~torch.isfinite(loss.detach())
+            p.loss_sum += torch.where(bad, 0.0, loss.detach())
+            p.loss_nonfinite += bad
+            loss_bad = bad if loss_bad is None else loss_bad | bad
         p.micro_step = 0
+        self.scaler.unscale_(self.optimizer)  # a no-op without loss scaling
         if t.clip_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
-        self.scaler.step(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self._params, t.clip_grad_norm)
+        else:
+            norm = divergence.gradient_norm(self._params)
+        found_inf = self.guard.step(p.step + 1, loss_bad, norm)
+        if found_inf is None:
+            self.scaler.step(self.optimizer)
+        else:
+            self._fused_step(found_inf)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if found_inf is not None:
+            self._buffers.restore(found_inf)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, found_inf)
         p.loss_n += t.accum_steps
         p.step += 1
         p.images += t.batch_size
+
+    def _fused_step(self, found_inf: torch.Tensor) -> None:
+        """The fused optimizer's step, skipped on the device where `found_inf` is 1: the
+        contract a GradScaler keeps with fused optimizers (a `found_inf` attribute; the
+        gradients are unscaled already, so no `grad_scale`). With fp16 the GradScaler's own
+        update() still adjusts the scale from the inf checks of its unscale_()."""
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
 
     def _next_batch(self):
         """The next micro-batch, through the batch augmentation: (images, labels or targets)."""
@@ -254,26 +297,72 @@ class Trainer:
                     (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total):
                 best = self.run_eval()
             stopped = self.vote.poll(self.preemption.requested)
-            self.ckpt.maybe_save(step, last_step=total, best=best, stopping=stopped)
+            if self.ckpt.due(step, last_step=total, best=best, stopping=stopped):
+                self.check_divergence(step)  # never a checkpoint of a diverged run
+            try:
+                self.ckpt.maybe_save(step, last_step=total, best=best, stopping=stopped)
+            except NonfiniteState as e:
+                raise RunFailure(self._diverged(str(e), since=self.guard.read_step,
+                                                step=step)) from None
             if stopped:
                 return False
         return True
 
+    # ----- divergence -------------------------------------------------------------------------
+    def check_divergence(self, step: int) -> None:
+        """Read the divergence guard, once per step (a collective: every rank reads at the same
+        steps): log skipped steps, and end the run if it diverged (RunFailure on every rank)."""
+        if self._read_at == step:
+            return
+        self._read_at = step
+        self._act(self.guard.read(step))
+
+    def _act(self, r: divergence.Reading) -> None:
+        divergence.report(r, skip=self.guard.skip)
+        if r.diverged:
+            raise RunFailure(self._diverged(r.diverged, since=r.since, step=r.step))
+
+    def _diverged(self, what: str, *, since: int, step: int) -> str:
+        """The one line a diverged run ends with: the steps, the last good checkpoint, and what
+        to change."""
+        newest = self.ckpt.settle() if self.env.is_main else None
+        t = self.cfg.train
+        hint = divergence.divergence_hint(lr=self.cfg.optim.lr, clip=t.clip_grad_norm,
+                                          precision=self.precision, mode=t.on_nonfinite)
+        window = f"step {step}" if since + 1 >= step else f"steps {since + 1}-{step}"
+        head = (f"training diverged in {window} (train.on_nonfinite={t.on_nonfinite}): {what}; "
+                f"no checkpoint holding it was written")
+        if newest:
+            return (f"{head}; the last good checkpoint is {newest}. To continue from it, "
+                    f"{hint}, and run the same command with --resume auto --resume-force")
+        if not self.env.is_main:
+            return f"{head} (rank 0 names the last good checkpoint)"
+        return f"{head}, nor any before it. To start again, {hint}"
+
     def _log_train(self, bar) -> None:
         p = self.progress
-        loss = (p.loss_sum / max(p.loss_n, 1)).item()  # the log-interval host sync
+        kept = p.loss_n - p.loss_nonfinite  # micro-batches whose loss was finite
+        mean = torch.where(kept > 0, p.loss_sum / kept.clamp(min=1), float("nan"))
+        # the log-interval host sync: the window's mean loss and its non-finite losses
+        loss, nonfinite = torch.stack([mean, p.loss_nonfinite.to(mean.dtype)]).tolist()
         now = time.perf_counter()
         t0, images0 = self._window
         ips = (p.images - images0) / max(now - t0, 1e-9)
         lrs = group_lrs(self.optimizer)  # the LRs of the step just taken
+        self._read_at = p.step
+        reading = self.guard.read(p.step)  # the divergence guard, read with the loss
         p.loss_sum.zero_()
+        p.loss_nonfinite.zero_()
         p.loss_n = 0
         self._window = (now, p.images)
         bar.set_postfix_str(f"loss {loss:.4f} lr {lrs['lr']:.4g} {ips:.0f} img/s "
                             f"ep {self.loader.epoch:.2f}")
-        self.metrics.write("train", p.step, {"loss": loss, **lrs, "img_per_sec": ips,
-                                             "epoch": self.loader.epoch,
-                                             "bad_files": self.loader.bad_files})
+        values = {"loss": loss, **lrs, "img_per_sec": ips, "epoch": self.loader.epoch,
+                  "bad_files": self.loader.bad_files, "skipped_steps": reading.skipped}
+        if nonfinite:
+            values["nonfinite_losses"] = int(nonfinite)
+        self.metrics.write("train", p.step, values)
+        self._act(reading)
 
     def run_eval(self) -> bool:
         """Evaluate the model (and EMA); returns True when top-1 is the best so far."""

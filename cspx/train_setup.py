@@ -23,7 +23,7 @@ from cspx.config import Config, micro_batch
 from cspx.data.build import build_splits, build_train_loader, classes_file, eval_loader_for
 from cspx.data.loader import DataSplit
 from cspx.distributed import DistEnv
-from cspx.errors import CspxError
+from cspx.errors import CspxError, RunFailure
 from cspx.files import atomic_write, write_json
 from cspx.models import convert_sync_batchnorm, create_model
 from cspx.optim import build_optimizer
@@ -32,7 +32,14 @@ from cspx.plan import describe_plan
 from cspx.resolve import resolve
 from cspx.rng import seed_all
 from cspx.run_dir import RunDir
-from cspx.runlog import MetricsLog, attach_log_file, format_provenance, provenance, setup_console
+from cspx.runlog import (
+    MetricsLog,
+    attach_log_file,
+    format_provenance,
+    provenance,
+    setup_console,
+    to_log_files,
+)
 from cspx.train_loop import OOM, Trainer
 from cspx.weights import load_into
 
@@ -52,6 +59,9 @@ def train(cfg: Config, resume: Optional[str] = None, force: bool = False, dry_ru
         raise CspxError(f"out of memory on {env.device} with micro-batch {micro_batch(cfg, env.world)}; "
                         f"raise train.accum_steps (e.g. train.accum_steps={cfg.train.accum_steps * 2}) "
                         f"to halve the images per forward pass at the same batch") from None
+    except RunFailure as e:  # a diverged run, failed saves: the one line goes into train.log too
+        to_log_files(f"error: {e}")
+        raise
     finally:
         distributed.destroy()
         watchdog.stop()
@@ -160,7 +170,8 @@ def _place_model(cfg: Config, env: DistEnv, model: torch.nn.Module, fresh: bool)
     if cfg.model.sync_bn and env.distributed:
         model = convert_sync_batchnorm(model)
     place_model(model, device=env.device, channels_last=cfg.model.channels_last)
-    return model, build_optimizer(model, cfg.optim, env.device)
+    return model, build_optimizer(model, cfg.optim, env.device,
+                                  skips=cfg.train.on_nonfinite == "skip")
 
 
 def _loaders(cfg: Config, data: Tuple[DataSplit, DataSplit], env: DistEnv, run: RunDir,

@@ -8,8 +8,10 @@ Accepted files (all read with `torch.load(weights_only=True)`, which refuses pic
     (timm and most training scripts)
 
 Keys lose any leading `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes.
-Every failure (missing, unreadable, truncated file; weights of another architecture) is a
-CspxError whose one-line message starts with the file name.
+Every file's checksums are verified before it is read (cspx.checkpoint.integrity: the CRC32 of
+every zip member), so a corrupted file is refused instead of loaded. Every failure (missing,
+unreadable, truncated or corrupted file; weights of another architecture) is a CspxError whose
+one-line message starts with the file name.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from cspx.checkpoint import FORMAT, FORMAT_VERSION
+from cspx.checkpoint import FORMAT, FORMAT_VERSION, verify
 from cspx.errors import CspxError
 
 log = logging.getLogger("cspx")
@@ -82,6 +84,9 @@ def _read(path: str) -> Any:
         raise CspxError(f"{path}: cannot read ({e.strerror or e})") from None
     if not head:
         raise CspxError(f"{path}: empty file, not a checkpoint")
+    note = verify(path)  # every member's CRC32; a corrupted file stops here, named
+    if note:
+        log.info(f"{path}: {note}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file

@@ -9,7 +9,8 @@ every measured row, with "complete": false until the mode finishes).
   baseline    same as train (the baseline is always measured beside cspx, so ratios hold)
   validate    evaluation img/s per loader
   overhead    the trainer's step time vs a bare loop on the same model, batch and tensors
-  checkpoint  saving model + SGD momentum + EMA: cspx's atomic writer vs a bare torch.save
+  checkpoint  saving model + SGD momentum + EMA: cspx's atomic writer vs a bare torch.save;
+              verifying the file's checksums (CRC32) vs torch.load
   augment     each RandAugment op's CPU cost per image, DALI vs torchvision on PIL (--batch images)
   memory      host memory (trainer + workers) at every epoch boundary of a long train.py run,
               per loader (default recipe: the demo; --epochs, default 30)

@@ -1,5 +1,7 @@
 """Every error that user input can reach is a CspxError: one line naming the file, key or value,
-exit code 2, no traceback unless --verbose (cspx/errors.py). The raise sites are walked here."""
+exit code 2, no traceback unless --verbose (cspx/errors.py); a run that cannot go on (diverged,
+its checkpoints cannot be written) is a RunFailure: one line, exit code 1. The raise sites are
+walked here."""
 from __future__ import annotations
 
 import ast
@@ -45,7 +47,11 @@ INTERNAL = {
     ("cspx/data/shard_reader.py", "OSError"): "a shard shorter than its checked size: the torch "
                                               "path replaces and counts the sample, as any read "
                                               "or decode failure",
+    ("cspx/train_loop.py", "ValueError"): "train.on_nonfinite=skip with an optimizer that cannot "
+                                          "skip (not build_optimizer(skips=True)): a programming error",
 }
+# one-line errors besides CspxError: RunFailure (exit 1) and its kinds, CspxError's kinds
+ONE_LINE = ("CspxError", "CorruptCheckpoint", "RunFailure", "SaveFailed", "NonfiniteState")
 
 
 def raise_sites():
@@ -61,7 +67,7 @@ def raise_sites():
                 name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
                 # SystemExit: a command's exit code; ArgumentTypeError: argparse reports a bad
                 # flag value itself, in one line with exit code 2
-                if name not in ("CspxError", "SystemExit", "ArgumentTypeError"):
+                if name not in (*ONE_LINE, "SystemExit", "ArgumentTypeError"):
                     found.add((os.path.relpath(path, ROOT), name))
     return found
 

@@ -94,7 +94,7 @@ def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str,
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
     place_model(model, device=device, channels_last=cfg.model.channels_last)
-    opt = build_optimizer(model, cfg.optim, device)
+    opt = build_optimizer(model, cfg.optim, device, skips=cfg.train.on_nonfinite == "skip")
     env = DistEnv(device=device)
     t = Trainer(cfg=cfg, env=env, model=model, optimizer=opt, train_loader=loader,
                 eval_loader=None,

@@ -1,6 +1,12 @@
 """Checkpoints, at the start of a resumed run: which checkpoint a run resumes from (`--resume
-auto`: the newest valid one; or a path), and whether it may resume from it exactly (the same
-training-relevant config, training set and world size, unless `--resume-force`).
+auto`: the newest trustworthy one; or a path), and whether it may resume from it exactly (the
+same training-relevant config, training set and world size, unless `--resume-force`).
+
+Trustworthy: readable, every checksum matching (integrity.verify), every value finite
+(integrity.nonfinite_parts). `--resume auto` falls back past the others with one warning each.
+It never deletes one: a corrupted step file this run wrote is renamed `<name>.corrupted` (kept
+for inspection, and out of the way of the save that later writes that step again, and of
+pruning); last.pt and best.pt are hard links to step files, so each file is tried and named once.
 """
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from cspx import configio, distributed
-from cspx.checkpoint.storage import CheckpointFiles, load
+from cspx.checkpoint.integrity import CorruptCheckpoint, nonfinite_parts
+from cspx.checkpoint.storage import LINKS, CheckpointFiles, load
 from cspx.config import Config
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
@@ -18,9 +25,10 @@ log = logging.getLogger("cspx")
 
 # Keys that may change between a checkpoint and its resumption without changing the training
 # trajectory. The dataset is checked by fingerprint, so its path and storage format may change.
+# train.max_skipped_steps only decides when a run of skipped steps stops the run.
 RESUME_FREE = ("run.", "eval.", "checkpoint.", "data.workers", "data.root", "data.exclude",
                "data.synthetic", "data.format", "data.bad_shards", "model.init_from",
-               "model.compile")
+               "model.compile", "train.max_skipped_steps")
 
 
 def training_diff(old: dict, new: dict) -> List[str]:
@@ -31,24 +39,67 @@ def training_diff(old: dict, new: dict) -> List[str]:
 
 
 def latest_valid(files: CheckpointFiles) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """Newest readable checkpoint, falling back past truncated or corrupt ones with a warning."""
-    candidates = [p for _, p in sorted(files.step_files(), reverse=True)]
-    last = os.path.join(files.dir, "last.pt")
-    if os.path.exists(last):
-        candidates.insert(0, last)
-    for path in candidates:
+    """The newest trustworthy checkpoint (module doc), falling back past the others with a
+    warning naming each; None if there is none. Step files newest first, then last.pt where it
+    is not one of them (a copy, on file systems without hard links)."""
+    steps = [p for _, p in sorted(files.step_files(), reverse=True)]
+    links = {}  # link name -> identity, for naming the links of a file
+    for name in LINKS:
+        ident = _identity(os.path.join(files.dir, name))
+        if ident is not None:
+            links[name] = ident
+    seen = set()
+    for path in steps + [os.path.join(files.dir, "last.pt")]:
+        ident = _identity(path)
+        if ident is None or ident in seen:
+            continue
+        seen.add(ident)
+        also = [n for n, i in links.items() if i == ident and n != os.path.basename(path)]
+        also = f" (also named {' and '.join(also)})" if also else ""
         try:
-            return path, load(path)
+            state = load(path)
+        except CorruptCheckpoint as e:
+            log.warning(f"skipping corrupted checkpoint{also}: {e}; {_set_aside(files, path)}")
+            continue
         except CspxError as e:
-            log.warning(f"skipping invalid checkpoint: {e}")
+            log.warning(f"skipping invalid checkpoint{also}: {e}")
+            continue
+        bad = nonfinite_parts(state)
+        if bad:
+            log.warning(f"skipping checkpoint{also}: {path}: NaN or infinite values in its "
+                        f"{', '.join(bad)} (the run had diverged)")
+            continue
+        return path, state
     return None
 
 
+def _identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _set_aside(files: CheckpointFiles, path: str) -> str:
+    """Rename a corrupted step file this run wrote to `<name>.corrupted`; say what was done."""
+    name = os.path.basename(path)
+    if name in LINKS or not files.owns(path):
+        return "left as it is"
+    kept = path + ".corrupted"
+    try:
+        os.rename(path, kept)
+    except OSError as e:
+        return f"left as it is (renaming it failed: {e.strerror or e})"
+    return f"kept as {kept} (cspx never deletes it)"
+
+
 def resume_state(files: CheckpointFiles, env: DistEnv,
-                 resume: Optional[str]) -> Optional[Dict[str, Any]]:
-    """The state to resume from: `--resume auto` (newest valid in `files`, or None), a path, or
-    None for a fresh start, which is refused where this run folder holds checkpoints. Rank 0
-    chooses; every rank gets the same answer."""
+                 resume: Optional[str]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The checkpoint to resume from, (path, state): `--resume auto` (the newest trustworthy in
+    `files`, or None), a path (refused unless trustworthy), or None for a fresh start, which is
+    refused where this run folder holds checkpoints. Rank 0 chooses; every rank gets the same
+    answer."""
     if resume is None:
         steps = distributed.broadcast_object(
             [s for s, _ in files.step_files()] if env.is_main else None, env)
@@ -66,8 +117,12 @@ def resume_state(files: CheckpointFiles, env: DistEnv,
         state = found[1] if found is not None else load(path)
     else:
         path, state = resume, load(resume)
+        bad = nonfinite_parts(state)
+        if bad:
+            raise CspxError(f"{path}: NaN or infinite values in its {', '.join(bad)} (the run "
+                            f"had diverged); resume from an earlier checkpoint")
     log.info(f"resuming from {path} (step {state['progress']['step']})")
-    return state
+    return path, state
 
 
 def check_compat(state: Dict[str, Any], *, config: Dict[str, Any], fingerprint: str,

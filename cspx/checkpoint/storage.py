@@ -7,10 +7,14 @@ and `best.pt` (best eval top-1) as hard links to step files, so neither costs a 
 Pruning and re-linking touch only checkpoints that record this run's id (`written_by`; an
 unreadable file only when RECORD lists its name), never a file someone else put there.
 
-Writes are atomic (cspx.files): a crash at any point leaves every earlier checkpoint intact.
+Writes are atomic (cspx.files): a crash at any point leaves every earlier checkpoint intact. A
+write that fails (disk full, quota, file-size limit, I/O error) removes its temp file, leaves the
+earlier checkpoints and the links as they were, and raises `SaveFailed`; the Checkpointer decides
+whether the run goes on. Reads verify the file's checksums first (`integrity.verify`).
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -18,8 +22,9 @@ from typing import Any, Dict, Iterable, List, Set, Tuple
 
 import torch
 
+from cspx.checkpoint import integrity
 from cspx.checkpoint.layout import FORMAT, FORMAT_VERSION
-from cspx.errors import CspxError
+from cspx.errors import CspxError, RunFailure
 from cspx.files import atomic_write, fsync_dir, remove_stale_temps, temp_path
 
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -31,8 +36,22 @@ def atomic_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+class SaveFailed(RunFailure):
+    """A checkpoint write failed with an OSError; nothing of it is left, the earlier checkpoints
+    and links are intact. `error` is the OSError."""
+
+    def __init__(self, path: str, error: OSError):
+        code = errno.errorcode.get(error.errno or 0)
+        why = f"{error.strerror or error}" + (f", {code}" if code else "")
+        super().__init__(f"{path}: saving the checkpoint failed ({why}); earlier checkpoints in "
+                         f"{os.path.dirname(path)} are intact")
+        self.path, self.error = path, error
+
+
 def load(path: str) -> Dict[str, Any]:
-    """Read a cspx checkpoint; raises CspxError naming the file if it is not a valid one."""
+    """Read a cspx checkpoint, its checksums verified first; raises CspxError naming the file if
+    it is not a valid one (integrity.CorruptCheckpoint when its bytes changed)."""
+    integrity.verify(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -45,6 +64,19 @@ def load(path: str) -> Dict[str, Any]:
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise CspxError(f"{path}: written by a newer cspx (format {state['format_version']})")
     return state
+
+
+def _os_error(e: BaseException):
+    """The OSError behind a failed write: `e` itself, or the one a RuntimeError of torch.save's
+    zip writer was raised while handling (a failed write of the file object leaves the writer's
+    end-of-file record with "unexpected pos"); None if there is none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def written_by(path: str, run_id: str, recorded: Iterable[str] = ()) -> bool:
@@ -90,7 +122,7 @@ class CheckpointFiles:
 
     def write(self, state: Dict[str, Any], path: str, *, best: bool) -> None:
         """Write `state` to `path` atomically, point last.pt (and with `best`, best.pt) at it,
-        and prune this run's older step files. Any OSError is one CspxError naming the file."""
+        and prune this run's older step files. An OSError is a SaveFailed naming the file."""
         try:
             remove_stale_temps(self.dir, lambda n: bool(STEP_RE.match(n)) or n in LINKS)
             self._check_ours(path)
@@ -101,9 +133,11 @@ class CheckpointFiles:
             if best:
                 self._link(path, "best.pt")
             self._prune()
-        except OSError as e:
-            raise CspxError(f"{path}: saving the checkpoint failed ({e.strerror or e}); "
-                            f"earlier checkpoints in {self.dir} are intact") from None
+        except (OSError, RuntimeError) as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            raise SaveFailed(path, cause) from None
 
     def _link(self, src: str, name: str) -> None:
         """Atomically point `name` at the same file as `src` (a hard link; a copy where links
@@ -121,10 +155,10 @@ class CheckpointFiles:
         self._known.add(_identity(dst))
 
     def _check_ours(self, path: str) -> None:
-        if os.path.lexists(path) and not self._ours(path):
+        if os.path.lexists(path) and not self.owns(path):
             raise CspxError(f"{path}: exists and was not written by this run; move it away")
 
-    def _ours(self, path: str) -> bool:
+    def owns(self, path: str) -> bool:
         """written_by, skipped for the files this process wrote or checked already (identified
         by inode, size and mtime): a save then reads no other checkpoint."""
         try:
@@ -157,6 +191,6 @@ class CheckpointFiles:
     def _prune(self) -> None:
         """Keep the newest `keep_last` step files this run wrote and remove its older ones;
         files it did not write neither count nor go."""
-        own = [(s, p) for s, p in self.step_files() if self._ours(p)]
+        own = [(s, p) for s, p in self.step_files() if self.owns(p)]
         for _, path in sorted(own, reverse=True)[self.keep_last:]:
             os.remove(path)
