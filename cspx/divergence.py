@@ -6,9 +6,9 @@ Per step, device operations only (`Guard.step`):
   loss_bad   a micro-batch loss of this rank is not finite
   grad_bad   the gradient norm is not finite (after unscaling; DDP's gradients are all-reduced,
              so every rank sees the same norm and decides the same)
-  skipped    the step's update was not applied: grad_bad under `skip` (the fused SGD kernel's
-             `found_inf`, the flag a GradScaler hands fused optimizers), and with fp16 every
-             GradScaler skip (grad_bad with loss scaling; `stop` keeps GradScaler's own path)
+  skipped    the step's update was not applied: grad_bad under `skip` (the fused optimizer
+             kernel's `found_inf`, the flag a GradScaler hands fused optimizers), and with fp16
+             every GradScaler skip (grad_bad with loss scaling; `stop` keeps GradScaler's path)
 The flags are read (`Guard.read`: one small all-reduce under torchrun, then one device-to-host
 copy) where the loop reads the loss anyway, every `run.log_every_steps`, and before every
 checkpoint. A run has diverged when, since the last read:

@@ -167,8 +167,8 @@ def test_skip_passes_over_a_poisoned_batch_and_resumes_exactly(small_imagenet, t
 def test_a_skipped_step_changes_nothing_but_its_batch(tmp_path):
     """skip, on the Trainer itself: after a step on a batch with an infinite pixel the weights,
     the BatchNorm statistics, the momentum and the EMA are bit for bit what they were; with
-    fp16 the GradScaler backs off and the skip counts the same way. stop (the default) changes
-    no bit of the plain loop: the guard only reads."""
+    fp16 the GradScaler backs off and the skip counts the same way; AdamW's step count stays.
+    stop (the default) changes no bit of the plain loop: the guard only reads."""
     from cspx.bench.fixed import FixedBatchLoader
     from cspx.bench.steps import BareLoop, bench_config, make_trainer
     from cspx.checkpoint.layout import to_host
@@ -176,10 +176,11 @@ def test_a_skipped_step_changes_nothing_but_its_batch(tmp_path):
     args = Namespace(model="cspresnext_tiny", batch=8, img_size=32, precision="fp32",
                      channels_last=False, workers=0, recipe="recipes/demo.yaml", set=[],
                      device="cpu")
-    for prec in ("fp32", "fp16"):
+    for prec, optim in (("fp32", "sgd"), ("fp16", "sgd"), ("fp32", "adamw")):
         args.precision = prec
         cfg = bench_config(args, "train.on_nonfinite=skip", "ema.enabled=true",
-                           "run.log_every_steps=100")
+                           "run.log_every_steps=100", f"optim.name={optim}",
+                           "optim.lr=0.001" if optim == "adamw" else "optim.lr=0.1")
         ld = FixedBatchLoader.random(batch=8, img_size=32, num_classes=cfg.model.num_classes,
                                      device=cpu, channels_last=False)
         t = make_trainer(cfg, cpu, ld, str(tmp_path))
@@ -187,13 +188,12 @@ def test_a_skipped_step_changes_nothing_but_its_batch(tmp_path):
 
         def state(t=t):
             return to_host({"model": t.model.state_dict(), "ema": t.ema.state_dict(),
-                            "momentum": [t.optimizer.state[p]["momentum_buffer"]
-                                         for p in t.model.parameters()]})
+                            "optimizer": t.optimizer.state_dict()["state"]})
         before, scale = state(), t.scaler.get_scale()
         clean = ld.images.clone()
         ld.images[0, :, 3, 3] = float("inf")
         t.fit(until=3)
-        assert_same_tensors(before, state(), prec)
+        assert_same_tensors(before, state(), f"{prec} {optim}")
         assert t.guard.state_dict()["skipped"] == 1
         if prec == "fp16":
             assert t.scaler.get_scale() == scale / 2
