@@ -81,21 +81,38 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
     to (a `found_inf` flag, as a GradScaler tells fused optimizers), which only the fused
     kernels do, so they are used on the CPU too (torch >= 2.4). The CPU's fused kernels round a
     few elements differently from the foreach ones, which is why the default path keeps
-    foreach. SGD's momentum buffers are made here, as zeros: its fused kernel allocates them
-    uninitialized at the first step and would leave them so if that step were skipped (zeros
-    give the same first step: buf = momentum * 0 + grad). AdamW's state starts as zeros anyway,
-    and its fused step takes a skipped step back off its step count."""
+    foreach. AdamW's state starts as zeros, and its fused step takes a skipped step back off its
+    step count; SGD's momentum buffers are made as zeros (`fill_momentum`)."""
     groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps,
                                  **_kernel(torch.optim.AdamW, device, skips))
-    opt = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          **_kernel(torch.optim.SGD, device, skips))
-    if skips and cfg.momentum:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    return opt
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           **_kernel(torch.optim.SGD, device, skips))
+
+
+def fill_momentum(optimizer: torch.optim.Optimizer, *, skips: bool) -> None:
+    """Zero momentum buffers for the trainable parameters of a fused SGD that have none, where
+    the fused step needs them (called where parameters start to train: Trainer.wrap). torch's
+    fused SGD takes a group's step as its first (buffers allocated uninitialized, the gradient
+    copied in) only when no parameter of the group has a buffer yet. So:
+    - a group where some parameters have one and others not, the backbone unfrozen after
+      train.freeze_backbone_steps, would fail (a TypeError) and gets zeros for the others;
+    - with `skips` (train.on_nonfinite=skip) a skipped first step would leave the buffers
+      uninitialized, so every trainable parameter gets zeros from the start.
+    A zero buffer gives the first step's own update (buf = momentum * 0 + grad). Frozen
+    parameters get none (no state while frozen); the foreach kernel needs none."""
+    if not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        if not group.get("momentum"):
+            continue
+        live = [p for p in group["params"] if p.requires_grad]
+        have = [optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in live]
+        if skips or any(have):
+            for p, h in zip(live, have):
+                if not h:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -36,7 +36,7 @@ from cspx.ema import ModelEma
 from cspx.errors import CspxError, RunFailure
 from cspx.eval_metrics import evaluate
 from cspx.freeze import BackboneFreeze
-from cspx.optim import OptimizerState, group_lrs, set_lr
+from cspx.optim import OptimizerState, fill_momentum, group_lrs, set_lr
 from cspx.placement import place_model
 from cspx.rng import RngState
 from cspx.runlog import MetricsLog
@@ -156,6 +156,7 @@ class Trainer:
         self._compile_backend = compile_backend or self._compile_backend
         if self.freeze is not None:
             self.freeze.apply(self.progress.step)
+        fill_momentum(self.optimizer, skips=self.guard.skip)  # parameters that train from now
         _release_ddp(self.forward_model)
         m = self.cfg.model
         self.forward_model = place_model(

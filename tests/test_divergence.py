@@ -164,42 +164,60 @@ def test_skip_passes_over_a_poisoned_batch_and_resumes_exactly(small_imagenet, t
         assert_same_tensors(ref[k], got[k], k)
 
 
+# (precision, optimizer, extra keys, the steps whose batch is poisoned): SGD and AdamW; fp16's
+# GradScaler; accumulation with mixup, CutMix and random erasing; a frozen backbone (parameters
+# without gradients or optimizer state), skipped while frozen and again after it unfroze
+SKIP_CASES = [("fp32", "sgd", [], [3]), ("fp16", "sgd", [], [3]),
+              ("fp32", "adamw", ["train.accum_steps=2", "aug.mixup_alpha=0.8",
+                                 "aug.cutmix_alpha=1.0", "aug.erase_prob=0.5"], [3]),
+              ("fp32", "sgd", ["train.freeze_backbone_steps=3"], [3, 5])]
+
+
 def test_a_skipped_step_changes_nothing_but_its_batch(tmp_path):
-    """skip, on the Trainer itself: after a step on a batch with an infinite pixel the weights,
-    the BatchNorm statistics, the momentum and the EMA are bit for bit what they were; with
-    fp16 the GradScaler backs off and the skip counts the same way; AdamW's step count stays.
-    stop (the default) changes no bit of the plain loop: the guard only reads."""
+    """skip, on the Trainer itself: after a step on a batch with infinite pixels the weights,
+    the BatchNorm statistics, the optimizer's state (momentum; AdamW's moments and step counts)
+    and the EMA are bit for bit what they were; with fp16 the GradScaler backs off and the skip
+    counts the same way. stop (the default) changes no bit of the plain loop: the guard only
+    reads."""
     from cspx.bench.fixed import FixedBatchLoader
     from cspx.bench.steps import BareLoop, bench_config, make_trainer
     from cspx.checkpoint.layout import to_host
+    from cspx.config import micro_batch
     cpu = torch.device("cpu")
     args = Namespace(model="cspresnext_tiny", batch=8, img_size=32, precision="fp32",
                      channels_last=False, workers=0, recipe="recipes/demo.yaml", set=[],
                      device="cpu")
-    for prec, optim in (("fp32", "sgd"), ("fp16", "sgd"), ("fp32", "adamw")):
+    for prec, optim, extra, poisoned in SKIP_CASES:
+        case = f"{prec} {optim} {' '.join(extra)}"
         args.precision = prec
         cfg = bench_config(args, "train.on_nonfinite=skip", "ema.enabled=true",
                            "run.log_every_steps=100", f"optim.name={optim}",
-                           "optim.lr=0.001" if optim == "adamw" else "optim.lr=0.1")
-        ld = FixedBatchLoader.random(batch=8, img_size=32, num_classes=cfg.model.num_classes,
-                                     device=cpu, channels_last=False)
+                           "optim.lr=0.001" if optim == "adamw" else "optim.lr=0.1", *extra)
+        ld = FixedBatchLoader.random(batch=micro_batch(cfg, 1), img_size=32,
+                                     num_classes=cfg.model.num_classes, device=cpu,
+                                     channels_last=False)
         t = make_trainer(cfg, cpu, ld, str(tmp_path))
-        t.fit(until=2)
+        clean = ld.images.clone()
 
         def state(t=t):
             return to_host({"model": t.model.state_dict(), "ema": t.ema.state_dict(),
                             "optimizer": t.optimizer.state_dict()["state"]})
-        before, scale = state(), t.scaler.get_scale()
-        clean = ld.images.clone()
-        ld.images[0, :, 3, 3] = float("inf")
-        t.fit(until=3)
-        assert_same_tensors(before, state(), f"{prec} {optim}")
-        assert t.guard.state_dict()["skipped"] == 1
-        if prec == "fp16":
-            assert t.scaler.get_scale() == scale / 2
-        ld.images.copy_(clean)
-        t.fit(until=4)
-        assert t.guard.state_dict()["streak"] == 0 and not checkpoint.nonfinite_parts(state())
+        for n, step in enumerate(poisoned, 1):
+            t.fit(until=step - 1)
+            if t.freeze is not None and t.freeze.frozen:  # the classifier's state alone
+                assert len(t.optimizer.state) == 2, case
+            before, scale = state(), t.scaler.get_scale()
+            ld.images[0] = float("inf")  # every micro-batch; mixing or erasing keeps some
+            t.fit(until=step)
+            assert_same_tensors(before, state(), case)
+            assert t.guard.state_dict()["skipped"] == n, case
+            if prec == "fp16":
+                assert t.scaler.get_scale() == scale / 2
+            ld.images.copy_(clean)
+        t.fit(until=poisoned[-1] + 1)  # a clean step: applied, finite
+        after = state()
+        assert t.guard.state_dict()["streak"] == 0 and not checkpoint.nonfinite_parts(after)
+        assert any(not torch.equal(before["model"][k], v) for k, v in after["model"].items())
     # stop: the trainer's bits are the plain loop's (forward, backward, foreach SGD step)
     for prec in ("fp32", "fp16"):
         args.precision = prec

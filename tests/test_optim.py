@@ -165,3 +165,40 @@ def test_optimizer_state_resumes_the_recipes_settings_and_refuses_another_layout
                       (OptimConfig(name="adamw", head_lr_mult=10.0), "head_decay")):
         with pytest.raises(CspxError, match=rf"checkpoint: its optimizer \(adamw.*{what}"):
             OptimizerState(build_optimizer(m, cfg, CPU)).load_state_dict(state)
+
+
+def test_fused_sgd_trains_an_unfrozen_backbone_as_foreach_does():
+    """A backbone unfrozen after train.freeze_backbone_steps joins groups whose classifier
+    parameters have momentum buffers: torch's fused SGD (cspx's kernel on GPUs, and with
+    train.on_nonfinite=skip) fails on such a group (a TypeError) unless fill_momentum gives the
+    newcomers zero buffers, and then steps as the foreach kernel does (the CPU's fused and
+    foreach SGD agree bit for bit). With skips every trainable parameter gets one at once."""
+    from cspx.optim import fill_momentum
+    cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.01)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    nets, opts = [], []
+    for skips in (False, True):  # foreach, fused
+        torch.manual_seed(1)
+        nets.append(Net())
+        opts.append(build_optimizer(nets[-1], cfg, CPU, skips=skips))
+    assert opts[1].defaults["fused"] and opts[0].defaults["foreach"]
+    for step in range(4):
+        for net, opt in zip(nets, opts):
+            frozen = step < 2
+            for p in net.parameters():
+                p.requires_grad_(not frozen or p in set(net.fc.parameters()))
+            fill_momentum(opt, skips=False)
+            set_lr(opt, cfg.lr)
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step < 2:  # the classifier's state alone while frozen
+            assert len(opts[1].state) == 2
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    fresh = Net()
+    opt = build_optimizer(fresh, cfg, CPU, skips=True)
+    fill_momentum(opt, skips=True)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+               for p in fresh.parameters())
