@@ -79,9 +79,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
 
     `skips` (train.on_nonfinite=skip): the optimizer must skip a step on the device when told
     to (a `found_inf` flag, as a GradScaler tells fused optimizers), which only the fused
-    kernels do, so they are used on the CPU too (torch >= 2.4). The CPU's fused kernels round a
-    few elements differently from the foreach ones, which is why the default path keeps
-    foreach. AdamW's state starts as zeros, and its fused step takes a skipped step back off its
+    kernels do, so they are used on the CPU too (torch >= 2.4). The CPU's fused kernels round
+    some elements differently (`_kernel`), which is why the default path keeps the others.
+    AdamW's state starts as zeros, and its fused step takes a skipped step back off its
     step count; SGD's momentum buffers are made as zeros (`fill_momentum`)."""
     groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
     if cfg.name == "adamw":

@@ -124,7 +124,7 @@ def test_what_the_mapping_does_not_carry_over_is_refused_in_one_line():
         argv(10)
     for key in ("aug.rotate=5", "aug.policy=trivialaugment", "aug.mixup_alpha=0.2",
                 "aug.erase_prob=0.25", "optim.name=adamw", "optim.head_lr_mult=10",
-                "train.freeze_backbone_steps=4"):
+                "train.freeze_backbone_steps=4", "train.on_nonfinite=skip"):
         with pytest.raises(CspxError, match=f"{key.split('=')[0]}=.* is not mapped") as e:
             argv(8, key)
         assert len(str(e.value).splitlines()) == 1

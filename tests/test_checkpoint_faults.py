@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import os
+import pathlib
 import re
 import resource
 import signal
@@ -154,7 +155,8 @@ def test_a_flipped_byte_is_caught_everywhere(small_imagenet, tmp_path, capsys):
     """One bit flipped in the newest checkpoint (step_4, also last.pt and best.pt), which
     torch.load reads without a word: --resume auto warns naming it, keeps it as
     step_00000004.pt.corrupted, resumes from step 2 and ends with every tensor of the run
-    before the flip; validate.py, export.py and model.init_from refuse it in one line (exit 2)."""
+    before the flip; validate.py, predict.py, export.py and model.init_from refuse it in one
+    line (exit 2)."""
     run_dir = tmp_path / "run"
     ck = run_dir / "checkpoints"
     common = ["train.steps=4", "checkpoint.every_steps=2", "run.log_every_steps=2"]
@@ -178,12 +180,16 @@ def test_a_flipped_byte_is_caught_everywhere(small_imagenet, tmp_path, capsys):
     for k in STATE:
         assert_same_tensors(before[k], after[k], k)
     # the tools refuse the corrupted file, each in one line
+    from cspx.cli.predict import main as predict
     from cspx.cli.validate import main as validate
     from cspx.errors import run_cli
     code = validate(["--checkpoint", str(kept), "--data-dir", small_imagenet, "--workers", "0"])
     assert code == 2 and capsys.readouterr().err.strip() == (
         f"error: {kept}: corrupted: member '{member}' fails its CRC32 check "
         + re.search(r"\(recorded \w+, found \w+\)[^\n]*be trusted", err).group(0))
+    image = next(pathlib.Path(small_imagenet).glob("val/*/*.JPEG"))
+    code = predict(["--checkpoint", str(kept), "--workers", "0", str(image)])
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: {kept}: corrupted: member")
     with contextlib.redirect_stderr(io.StringIO()) as out:
         code = run_cli(script.main, ["--checkpoint", str(kept), "--out", str(tmp_path / "x")])
     assert code == 2 and out.getvalue().startswith(f"error: {kept}: corrupted: member")

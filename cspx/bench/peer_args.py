@@ -70,8 +70,8 @@ def timm_train_argv(cfg, p: Peer, src: str, data: str, out: str, name: str, step
     t, a, o, e = cfg.train, cfg.aug, cfg.optim, cfg.eval
     # (key, value, whether the mapping below carries it over): what timm's train.py cannot
     # express (darknet's colour jitter and rotation, compile, SyncBN), what this mode does not
-    # map (it compares SGD recipes with RandAugment at most and no batch augmentation), and the
-    # schedule cspx_overrides sets
+    # map (it compares SGD recipes with RandAugment at most and no batch augmentation; timm
+    # skips no non-finite step), and the schedule cspx_overrides sets
     s = cfg.sched
     checks = [("aug.hue", a.hue, a.hue == 0.0),
               ("aug.saturation", a.saturation, a.saturation == 1.0),
@@ -85,6 +85,7 @@ def timm_train_argv(cfg, p: Peer, src: str, data: str, out: str, name: str, step
               ("optim.head_lr_mult", o.head_lr_mult, o.head_lr_mult == 1.0),
               ("train.freeze_backbone_steps", t.freeze_backbone_steps,
                t.freeze_backbone_steps == 0),
+              ("train.on_nonfinite", t.on_nonfinite, t.on_nonfinite == "stop"),
               ("model.init_from", cfg.model.init_from, cfg.model.init_from is None),
               ("model.compile", cfg.model.compile, not cfg.model.compile),
               ("model.sync_bn", cfg.model.sync_bn, not cfg.model.sync_bn),
