@@ -16,7 +16,7 @@ import threading
 import zipfile
 
 import torch
-from test_divergence import STATE, last_line, train
+from test_divergence import STATE, last_line, one_thread, train  # noqa: F401 (autouse)
 from test_export import script
 from test_resume import assert_same_tensors, load
 

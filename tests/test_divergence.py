@@ -24,6 +24,16 @@ TINY = ["data.synthetic=false", "train.batch_size=16", "aug.img_size=32", "eval.
 STATE = ("model", "optimizer", "scaler", "ema", "progress", "ranks")  # a run's state, all of it
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each test's in-process runs on one thread: the tiny model's kernels gain little from a
+    second one and lose much waiting for it on a busy machine (a test's CPU time: a fifth)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train(capsys, run_dir, data, *extra):
     """train.py in this process; returns (exit code, its stderr)."""
     from cspx.cli.train import main
