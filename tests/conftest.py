@@ -133,3 +133,103 @@ def run_py(args, cwd=ROOT, timeout=600, env=None, **kw):
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e, **kw)
+
+
+def _entry(script):
+    """The main(argv) -> exit code that `python <script>` runs."""
+    import importlib
+    import importlib.util
+    if script in ("train.py", "validate.py"):
+        return importlib.import_module(f"cspx.cli.{script[:-3]}").main
+    from cspx.errors import run_cli as wrap
+    name = "cspx_script_" + os.path.basename(script)[:-3]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return lambda argv: wrap(sys.modules[name].main, argv)
+
+
+def run_cli(args, cwd=ROOT, env=None, threads=None):
+    """`python <args>` for train.py, validate.py or a scripts/*.py (args[0]), run in this process
+    through its main, where the test is not about the process itself: a Python + torch start
+    costs about 3 s. Returns a CompletedProcess with the command's returncode, stdout and
+    stderr: output is captured at the file descriptors (data workers forked meanwhile write
+    into it too), and an unexpected exception is a traceback and status 1, as in a process of
+    its own. `env` is set for the call; `threads` is the torch thread count (a subprocess's
+    OMP_NUM_THREADS). What a run changes in this process is put back afterwards: working
+    folder, sys.argv, environment, torch threads and deterministic mode, the random generators,
+    signal handlers and the 'cspx' logger's handlers (closed)."""
+    import io
+    import logging
+    import random
+    import signal
+    import subprocess
+    import tempfile
+    import traceback
+
+    import numpy as np
+    import torch
+    script, args = args[0], [str(a) for a in args[1:]]
+    main = _entry(script)
+    logger = logging.getLogger("cspx")
+    saved = dict(cwd=os.getcwd(), argv=sys.argv, environ=dict(os.environ),
+                 threads=torch.get_num_threads(),
+                 deterministic=torch.are_deterministic_algorithms_enabled(),
+                 rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()),
+                 signals={s: signal.getsignal(s)
+                          for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)},
+                 log=(list(logger.handlers), logger.level, logger.propagate),
+                 streams=(sys.stdout, sys.stderr))
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fds = os.dup(1), os.dup(2)
+    try:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = (io.TextIOWrapper(open(fd, "wb", closefd=False), encoding="utf-8",
+                                                   line_buffering=True) for fd in (1, 2))
+        os.chdir(cwd)
+        sys.argv = [script, *args]
+        os.environ.update(env or {})
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        os.close(fds[0])
+        os.close(fds[1])
+        sys.stdout, sys.stderr = saved["streams"]
+        os.chdir(saved["cwd"])
+        sys.argv = saved["argv"]
+        os.environ.clear()
+        os.environ.update(saved["environ"])
+        torch.set_num_threads(saved["threads"])
+        torch.use_deterministic_algorithms(saved["deterministic"])
+        random.setstate(saved["rng"][0])
+        np.random.set_state(saved["rng"][1])
+        torch.set_rng_state(saved["rng"][2])
+        for s, handler in saved["signals"].items():
+            signal.signal(s, handler)
+        for h in logger.handlers:
+            if h not in saved["log"][0]:
+                h.close()
+        logger.handlers[:], logger.propagate = saved["log"][0], saved["log"][2]
+        logger.setLevel(saved["log"][1])
+    texts = []
+    for f in (out, err):
+        f.seek(0)
+        text = f.read().decode("utf-8", "replace")  # newlines as subprocess's text mode reads
+        texts.append(text.replace("\r\n", "\n").replace("\r", "\n"))
+        f.close()
+    return subprocess.CompletedProcess([sys.executable, script, *args], code, *texts)

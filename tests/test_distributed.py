@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_py
+from conftest import ROOT, run_cli
 from test_resume import assert_same_tensors, load, steps_saved
 
 pytestmark = pytest.mark.slow
@@ -27,9 +28,6 @@ def recipe(run_dir, data, *extra):
             "model.name=cspresnext_tiny_gn", "train.batch_size=8", "aug.img_size=32",
             "eval.img_size=32", "eval.batch_size=64", "sched.burn_in=2", "data.workers=0",
             "run.log_every_steps=2", *extra]
-
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def torchrun(args, timeout=300, **kw):
@@ -46,10 +44,11 @@ def test_two_ranks_equal_one_rank_and_accumulation(demo_data, tmp_path):
     # one thread per process, as each torchrun rank: CPU kernels pick their algorithm and
     # reduction order by thread count, and while the backbone is frozen 2 threads put the
     # runs 3e-5 apart after 6 steps; at one thread each the runs differ only by float sum order
-    one = run_py(recipe(tmp_path / "one", demo_data, *common), env=ONE_THREAD)
+    # (the one-process runs in this process, at one torch thread)
+    one = run_cli(recipe(tmp_path / "one", demo_data, *common), threads=1)
     assert one.returncode == 0, one.stderr
-    acc = run_py(recipe(tmp_path / "acc", demo_data, *common, "train.accum_steps=2"),
-                 env=ONE_THREAD)
+    acc = run_cli(recipe(tmp_path / "acc", demo_data, *common, "train.accum_steps=2"),
+                  threads=1)
     assert acc.returncode == 0, acc.stderr
     two = torchrun(recipe(tmp_path / "two", demo_data, *common))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -77,7 +76,7 @@ def test_distributed_validate_counts_every_image_once(sample_dir, demo_data, tmp
     args = ["validate.py", "--checkpoint", str(tmp_path / "w.pt"), "--model", "cspresnext_tiny",
             "--data-dir", sample_dir, "--classes", f"{sample_dir}/synsets.txt", "--img-size", "64",
             "--batch-size", "16", "--workers", "0", "--loader", "torch"]
-    single = run_py(args + ["--json", str(tmp_path / "1.json"), "--predictions", str(tmp_path / "1.csv")])
+    single = run_cli(args + ["--json", str(tmp_path / "1.json"), "--predictions", str(tmp_path / "1.csv")])
     assert single.returncode == 0, single.stderr
     dist = torchrun(args + ["--json", str(tmp_path / "2.json"), "--predictions", str(tmp_path / "2.csv")])
     assert dist.returncode == 0, dist.stderr[-3000:]
@@ -121,15 +120,32 @@ def _wait_checkpoint(run_dir, proc, min_step=1, timeout=240):
         time.sleep(0.02)
 
 
-def test_resume_two_ranks_after_kill9(demo_data, tmp_path):
-    """The reference and the killed run train in the same run.dir (the reference is moved
-    aside), so their final checkpoints compare whole: every tensor and value of every rank."""
-    common = ["train.steps=100", "eval.every_steps=50", "checkpoint.every_steps=2"]
-    run_dir = tmp_path / "run"
-    ref = torchrun(recipe(run_dir, demo_data, *common))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    os.rename(run_dir, tmp_path / "ref")
-    proc = _start(recipe(run_dir, demo_data, *common))
+# the 2-rank run that kill -9 (here) and a dead agent and rank (test_reliability.py) interrupt:
+# a data worker per rank, an evaluation half way
+COMMON = ["train.steps=40", "eval.every_steps=20", "checkpoint.every_steps=3", "data.workers=1",
+          "run.tensorboard=false"]
+
+
+def two_rank_reference(tmp_path_factory, data):
+    """<work>/ref: an uninterrupted 2-rank run of COMMON, trained in <work>/run and moved aside,
+    made once per session; returns <work>. The runs compared with it train in <work>/run (this
+    empties it), the same run.dir in their recipes, so their final checkpoints compare whole:
+    every tensor and value of every rank."""
+    work = tmp_path_factory.getbasetemp() / "two-ranks"
+    run_dir = work / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    if not (work / "ref").exists():
+        ref = torchrun(recipe(run_dir, data, *COMMON))
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        os.rename(run_dir, work / "ref")
+    return work
+
+
+def test_resume_two_ranks_after_kill9(demo_data, tmp_path_factory):
+    work = two_rank_reference(tmp_path_factory, demo_data)
+    run_dir = work / "run"
+    proc = _start(recipe(run_dir, demo_data, *COMMON))
     _wait_checkpoint(run_dir, proc, random.randint(2, 20))
     time.sleep(random.uniform(0, 0.3))
     assert proc.poll() is None, "the run ended before the kill"
@@ -141,10 +157,10 @@ def test_resume_two_ranks_after_kill9(demo_data, tmp_path):
         os.kill(pid, signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert max(steps_saved(str(run_dir))) < 100
-    res = torchrun(recipe(run_dir, demo_data, *common) + ["--resume", "auto"])
+    assert max(steps_saved(str(run_dir))) < 40
+    res = torchrun(recipe(run_dir, demo_data, *COMMON) + ["--resume", "auto"])
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = load(tmp_path / "ref/checkpoints/last.pt"), load(run_dir / "checkpoints/last.pt")
+    a, b = load(work / "ref/checkpoints/last.pt"), load(run_dir / "checkpoints/last.pt")
     assert a.pop("run_id") and b.pop("run_id")   # the run folder's random id, not state
     assert_same_tensors(a, b, "checkpoint")
     assert len(a["ranks"]) == 2                   # every rank's RNG and loader state

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distributed import _start, _wait_checkpoint, _worker_pids, recipe, torchrun
+from test_distributed import (COMMON, _start, _wait_checkpoint, _worker_pids, recipe,
+                              two_rank_reference)
 from test_resume import assert_same_tensors, load, steps_saved
 
 
@@ -157,20 +158,16 @@ def _lock_free(run_dir):
 
 
 @pytest.mark.slow
-def test_dead_agent_then_dead_rank_under_restarts(demo_data, tmp_path):
+def test_dead_agent_then_dead_rank_under_restarts(demo_data, tmp_path_factory):
     """The agent SIGKILLed: every rank and data worker exits within 10 s and the lock is free.
     The resubmitted job (--max-restarts=1 --resume auto) starts at once; rank 0 SIGKILLed in
     it, torchrun restarts both ranks, and the run ends with every checkpoint tensor equal to an
-    uninterrupted run's."""
-    common = ["train.steps=40", "eval.every_steps=0", "checkpoint.every_steps=3",
-              "data.workers=1", "run.tensorboard=false"]
-    run_dir = tmp_path / "run"
-    ref = torchrun(recipe(run_dir, demo_data, *common))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    os.rename(run_dir, tmp_path / "ref")
+    uninterrupted run's (the 40-step reference test_distributed.py's kill -9 test shares)."""
+    work = two_rank_reference(tmp_path_factory, demo_data)
+    run_dir = work / "run"
 
     # 1. the agent dies
-    agent = _start(recipe(run_dir, demo_data, *common))
+    agent = _start(recipe(run_dir, demo_data, *COMMON))
     _wait_checkpoint(run_dir, agent, 3)
     ranks = _worker_pids(agent.pid)
     assert [r for r, _ in ranks] == [0, 1], ranks
@@ -188,7 +185,7 @@ def test_dead_agent_then_dead_rank_under_restarts(demo_data, tmp_path):
     assert killed_at < 40
 
     # 2. resubmitted with restarts; rank 0 (lock holder, checkpoint writer) dies
-    job = _start(["--max-restarts=1", *recipe(run_dir, demo_data, *common), "--resume", "auto"])
+    job = _start(["--max-restarts=1", *recipe(run_dir, demo_data, *COMMON), "--resume", "auto"])
     _wait_checkpoint(run_dir, job, max(steps_saved(str(run_dir))) + 3)
     rank0 = dict(_worker_pids(job.pid))[0]
     os.kill(rank0, signal.SIGKILL)
@@ -197,7 +194,7 @@ def test_dead_agent_then_dead_rank_under_restarts(demo_data, tmp_path):
     assert "in use by another cspx job" not in out
     resumed = [int(s) for s in _resumed_steps(out)]
     assert len(resumed) == 2 and resumed[0] == killed_at <= resumed[1], resumed
-    a, b = load(tmp_path / "ref/checkpoints/last.pt"), load(run_dir / "checkpoints/last.pt")
+    a, b = load(work / "ref/checkpoints/last.pt"), load(run_dir / "checkpoints/last.pt")
     assert a.pop("run_id") and b.pop("run_id")   # the run folder's random id, not state
     assert_same_tensors(a, b, "checkpoint")
     assert b["progress"]["step"] == 40 and len(b["ranks"]) == 2
