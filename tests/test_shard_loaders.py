@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_py
+from conftest import run_cli
 from cspx.config import AugConfig, Config, DataConfig
 from cspx.data import shard_format as sh
 from cspx.data.build import build_splits, open_shards
@@ -209,10 +209,10 @@ def test_validate_on_shards_gives_the_folder_predictions(
                                ("shards", sample_shards_root, "torch"),
                                ("dali", sample_shards_root, "dali")):
         pred = tmp_path / f"{name}.csv"
-        r = run_py(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny",
-                    "--data-dir", data, "--img-size", "64", "--batch-size", "21", "--workers", "1",
-                    "--loader", loader, "--predictions", str(pred),
-                    "--classes", os.path.join(sample_dir, "synsets.txt")])
+        r = run_cli(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny",
+                     "--data-dir", data, "--img-size", "64", "--batch-size", "21", "--workers",
+                     "1", "--loader", loader, "--predictions", str(pred),
+                     "--classes", os.path.join(sample_dir, "synsets.txt")])
         assert r.returncode == 0, r.stderr[-2000:]
         assert "images 105" in r.stdout
         out[name] = predictions(pred)
@@ -283,8 +283,8 @@ def test_undecodable_sample_replaced_named_and_counted(damaged, caplog):
 
 
 def dry_run(data, *extra):
-    return run_py(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={data}",
-                   "data.synthetic=false", "run.dir=unused", *extra, "--dry-run"])
+    return run_cli(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={data}",
+                    "data.synthetic=false", "run.dir=unused", *extra, "--dry-run"])
 
 
 def test_truncated_shard_refused_in_one_line_or_excluded_with_a_warning(demo_shards, tmp_path):
