@@ -11,7 +11,7 @@ import yaml
 from cspx import configio
 from cspx.config import Config, load_config
 from cspx.errors import CspxError
-from conftest import ROOT, run_py
+from conftest import ROOT, run_cli, run_py
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 
@@ -169,9 +169,10 @@ def test_cli_bad_recipe_is_one_line_exit_2(tmp_path, recipe):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: command line: optim.momentum: must be in [0, 1), got 2.0"
     assert "Traceback" not in r.stderr
-    r = run_py(["train.py", "--recipe", str(tmp_path / "missing.yaml")], timeout=120)
+    # the same entry point in this process (the one above is a process of its own)
+    r = run_cli(["train.py", "--recipe", str(tmp_path / "missing.yaml")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.yaml" in r.stderr
-    r = run_py(["train.py", "--recipe", recipe, "optim.momentum=2", "--verbose"], timeout=120)
+    r = run_cli(["train.py", "--recipe", recipe, "optim.momentum=2", "--verbose"])
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
