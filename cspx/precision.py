@@ -8,7 +8,7 @@ fp16 (autocast to float16 with a GradScaler); `auto` is resolved once, by `resol
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager, Optional
+from typing import ContextManager
 
 import torch
 
@@ -24,10 +24,6 @@ def resolve(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
-
-
-def amp_dtype(name: str) -> Optional[torch.dtype]:
-    return AMP_DTYPES[name]
 
 
 def autocast(name: str, device: torch.device) -> ContextManager:

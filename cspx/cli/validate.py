@@ -38,7 +38,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype; fp32 (default) reproduces published numbers")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help=argparse.SUPPRESS)  # older name
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--loader", choices=["torch", "dali"], default="torch",
                    help="torch (default): PIL decoding and resizing, bit-exact with timm's eval "
@@ -65,8 +64,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="evaluate only the first N images (sorted order)")
     p.add_argument("--verbose", action="store_true", help="tracebacks and debug logging")
     args = p.parse_args(argv)
-    if args.amp is not None:
-        args.precision = {"none": "fp32"}.get(args.amp, args.amp)
     for name in ("img_size", "batch_size", "limit"):
         v = getattr(args, name)
         if v is not None and v <= 0:
