@@ -76,7 +76,7 @@ def _compile_end(*_args) -> None:
     _mark = (time.monotonic(), *_mark[1:])  # the compilation counted as progress
 
 
-def _cover_compilation() -> bool:
+def cover_compilation() -> bool:
     """Hold the stall clock while torch.compile compiles (a first step, a recompilation, a lazy
     backward, CUDA graph recording), which can take many minutes without a progress report."""
     global _covered
@@ -159,7 +159,7 @@ def start(stall_timeout: float, rank: int = 0, world: int = 1,
     global _active
     if _active is not None:
         _active.stop()
-    if cover_compile and stall_timeout > 0 and not _cover_compilation():
+    if cover_compile and stall_timeout > 0 and not cover_compilation():
         log.warning("this torch has no compile callbacks: a torch.compile compilation counts "
                     "against run.stall_timeout like any other wait")
     progress("start-up")

@@ -53,21 +53,23 @@ STATE = ".prepare"
 MARKER = ".cspx-prepare"  # OUT was made by this script (older runs: STATE is there)
 
 
-def _tmp(dst: str) -> str:
+def part_path(dst: str) -> str:
+    """Where dst is written before its atomic rename: a hidden `.NAME.part` beside it."""
     return os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.part")
 
 
-def _write_stream(src, dst: str) -> None:
-    with open(_tmp(dst), "wb") as f:
+def write_stream(src, dst: str) -> None:
+    """Copy a file object to dst through part_path(dst): dst is complete or absent."""
+    with open(part_path(dst), "wb") as f:
         shutil.copyfileobj(src, f, 1 << 20)
-    os.replace(_tmp(dst), dst)
+    os.replace(part_path(dst), dst)
 
 
 def _place(src: str, dst: str, mode: str) -> None:
     """Put an existing file at dst: a rename, or link/copy to a temp name and rename."""
     if mode == "move":
         return os.replace(src, dst)  # atomic; fails with EXDEV across filesystems
-    tmp = _tmp(dst)
+    tmp = part_path(dst)
     if os.path.lexists(tmp):
         os.remove(tmp)
     if mode == "hardlink":
@@ -98,7 +100,7 @@ def _do_class(job: Tuple, out: str, mode: str) -> int:
                     name = os.path.basename(m.name)  # a bare name: nothing lands outside dst_dir
                     dst = os.path.join(dst_dir, name)
                     if m.isfile() and not name.startswith(".") and not os.path.exists(dst):
-                        _write_stream(t.extractfile(m), dst)
+                        write_stream(t.extractfile(m), dst)
                         added += 1
             except tarfile.TarError as e:
                 raise CspxError(f"{path}: {wnid}: damaged tar ({e})") from None
@@ -138,7 +140,7 @@ def prepare_val(plan: Tuple, out: str, mode: str) -> int:
             dst = os.path.join(out, "val", where[name], name)
             if not os.path.lexists(dst):
                 if tar is not None:
-                    _write_stream(tar.extractfile(item), dst)
+                    write_stream(tar.extractfile(item), dst)
                 else:
                     _place(str(item), dst, mode)
                 added += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 from argparse import Namespace
 
@@ -77,7 +78,7 @@ def test_report_rewrites_its_json_after_every_row(tmp_path):
 
 def test_a_failing_variant_is_an_error_row_and_the_others_run():
     """One variant that does not compile or does not fit must not cost a GPU run the rest."""
-    from cspx.bench.steps import _measure
+    from cspx.bench.steps import measure
 
     def broken(n):
         raise RuntimeError("CUDA graphs: cannot capture\nsecond line")
@@ -89,7 +90,7 @@ def test_a_failing_variant_is_an_error_row_and_the_others_run():
          "same trainer": dict(run=lambda n: 0.01, flop=1e9, group="reduce-overhead",
                               row={"loop": "cspx dali loader", "batch": 4,
                                    "compile": "reduce-overhead"})}
-    rows = _measure(bench_args(rounds=2), CPU, 4, c)
+    rows = measure(bench_args(rounds=2), CPU, 4, c)
     assert rows[0]["img/s"] == pytest.approx(400.0) and rows[0]["rounds"] == 2
     assert rows[0]["TFLOP/s"] == pytest.approx(400 * 1e9 / 1e12)
     assert rows[1]["error"] == "RuntimeError: CUDA graphs: cannot capture"
@@ -118,16 +119,19 @@ def test_bare_loop_uses_the_trainers_optimizer_scaler_and_schedule(tmp_path):
 
 
 def test_baseline_loader_serves_epoch_after_epoch_without_new_workers(small_imagenet):
-    from cspx.bench.steps import SYNTHETIC_ONLY, _baseline_loader, bench_config
+    from cspx.bench.steps import SYNTHETIC_ONLY, baseline_loader, bench_config
     cfg = bench_config(bench_args(batch=64, workers=1), SYNTHETIC_ONLY, "aug.randaugment_ops=0")
-    it = _baseline_loader(os.path.join(small_imagenet, "train"), cfg, CPU)
+    before = set(multiprocessing.active_children())
+    it = baseline_loader(os.path.join(small_imagenet, "train"), cfg, CPU)
     per_epoch = 132 // 64  # 132 training images, drop_last
     x, _ = next(it)
     assert x.shape == (64, 3, 32, 32)
-    workers = list(it._workers)
+    workers = set(multiprocessing.active_children()) - before  # the DataLoader's processes
+    assert len(workers) == 1  # data.workers=1
     for _ in range(3 * per_epoch):
         next(it)
-    assert it._workers == workers and all(w.is_alive() for w in workers)
+    assert set(multiprocessing.active_children()) - before == workers
+    assert all(w.is_alive() for w in workers)
 
 
 def test_validate_mode_sets_up_as_validate_py(small_imagenet, tmp_path, monkeypatch):

@@ -450,9 +450,10 @@ def test_pipelines_are_torn_down(env, index):
 def test_output_copy_owns_its_memory_and_zero_copy_is_a_view(channels_last):
     """On a GPU the loaders copy DALI's output into torch-owned memory (own=True); the CPU path
     and the benchmark's zero-copy row use DALI's buffer as it is (own=False)."""
-    from cspx.data.dali_loader import _images
+    from cspx.data.dali_loader import nchw_images
     x = torch.randn(4, 8, 6, 3) if channels_last else torch.randn(4, 3, 8, 6)
-    owned, view = _images(x, channels_last, own=True), _images(x, channels_last, own=False)
+    owned = nchw_images(x, channels_last, own=True)
+    view = nchw_images(x, channels_last, own=False)
     assert owned.shape == view.shape == (4, 3, 8, 6) and torch.equal(owned, view)
     assert owned.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()

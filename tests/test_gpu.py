@@ -84,7 +84,7 @@ def test_cuda_graphs_train_as_eager_does():
             t.train_step()
             got.append(float(t.progress.loss_sum))
         losses[mode] = got
-        torch._dynamo.reset()
+        torch.compiler.reset()
     print("\nlosses eager / reduce-overhead:", losses)
     for a, b in zip(losses["eager"], losses["reduce-overhead"]):
         assert abs(a - b) <= 0.02 * abs(a)

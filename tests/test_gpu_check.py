@@ -115,9 +115,9 @@ def test_out_is_refused_unless_gpu_check_made_it(tmp_path):
 
 def test_wheels_unpack_without_pip(tmp_path):
     """Where pip is missing, a wheel is unpacked: its files land as pip --target puts them."""
-    from cspx.bench.check import _unpack, probe_wheel
+    from cspx.bench.check import unpack_wheel, probe_wheel
     wheel = probe_wheel(str(tmp_path / "wheels"))
-    _unpack(wheel, str(tmp_path / "site"))
+    unpack_wheel(wheel, str(tmp_path / "site"))
     r = subprocess.run([sys.executable, "-c", "import nvidia.cspx_rehearsal_probe as p; "
                         "print(p.WHO, p.__file__)"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))

@@ -240,19 +240,19 @@ def test_second_run_does_nothing(src, tmp_path, capsys):
 
 def test_resume_after_interruption(src, tmp_path, capsys, monkeypatch):
     out, calls = tmp_path / "out", []
-    real = prep._write_stream
+    real = prep.write_stream
 
     def dies_on_fifth(stream, dst):
         calls.append(dst)
         if len(calls) == 5:  # a half-written temp file, then the process is gone
-            Path(prep._tmp(dst)).write_bytes(stream.read(10))
+            Path(prep.part_path(dst)).write_bytes(stream.read(10))
             raise KeyboardInterrupt
         real(stream, dst)
 
-    monkeypatch.setattr(prep, "_write_stream", dies_on_fifth)
+    monkeypatch.setattr(prep, "write_stream", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         run(devkit_args(src, out))
-    monkeypatch.setattr(prep, "_write_stream", real)
+    monkeypatch.setattr(prep, "write_stream", real)
     # the first class is complete and marked; the second is partial and not marked
     assert (out / prep.STATE / f"{WNIDS[0]}.done").read_text().strip() == "3"
     assert not (out / prep.STATE / f"{WNIDS[1]}.done").exists()

@@ -72,7 +72,7 @@ def test_a_compilation_holds_the_stall_clock():
         during.append(dog.stalled())
         return gm.forward
 
-    assert watchdog._cover_compilation()
+    assert watchdog.cover_compilation()
     watchdog.progress("training step", 1)
     f = torch.compile(lambda x: x * 2 + 1, backend=slow_backend)
     assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))

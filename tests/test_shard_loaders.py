@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,8 @@ def test_both_loaders_follow_one_global_permutation_with_disjoint_ranks(env, spl
     of the whole split (cspx's EpochBatchSampler), the ranks' images are disjoint, the batches mix
     shards, and the DALI loader hands out exactly the torch loader's images. The sample has one
     image per class, so labels identify images."""
-    shard_of = split._rows["shard"]
+    # each shard holds the positions [first, first + samples); nothing is excluded here
+    shard_of = np.searchsorted([s.first for s in split.shards], split.positions, side="right") - 1
     per_epoch = {}
     for rank in (0, 1):
         d = DaliTrainLoader(split=split, aug=AUG, seed=0, micro_batch=8, rank=rank, world=2,
@@ -241,15 +243,15 @@ def damaged(sample_shards_root, tmp_path):
     """A copy whose sample in the middle of shard 2 is garbage of its own size: the start-up
     check (sizes, first and last 64 KiB) cannot see it, as bit rot."""
     root = copy_of(sample_shards_root, tmp_path / "damaged")
-    split = ShardSplit(str(root), "val")
-    s = split.shards[2]
-    rows = split._rows[s.first:s.first + s.samples]
-    mid = [s.first + j for j, r in enumerate(rows)
-           if r["offset"] > sh.QUICK_BYTES and r["offset"] + r["size"] < s.bytes - sh.QUICK_BYTES]
-    i = mid[0]
-    with open(root / "val" / f"{s.name}.tar", "r+b") as f:
-        f.seek(int(split._rows[i]["offset"]))
-        f.write(b"\xff\xd8" + bytes(int(split._rows[i]["size"]) - 2))
+    s = ShardSplit(str(root), "val").shards[2]
+    tar = root / "val" / f"{s.name}.tar"
+    with tarfile.open(tar) as t:  # the images (KEY.jpg, KEY = position) placed by tarfile itself
+        mid = [m for m in t.getmembers() if m.name.endswith(".jpg") and
+               sh.QUICK_BYTES < m.offset_data < s.bytes - sh.QUICK_BYTES - m.size]
+    i = int(mid[0].name[:-len(".jpg")])  # no shard is excluded: sample i is at position i
+    with open(tar, "r+b") as f:
+        f.seek(mid[0].offset_data)
+        f.write(b"\xff\xd8" + bytes(mid[0].size - 2))
     return ShardSplit(str(root), "val"), i  # still passes the start-up check
 
 

@@ -62,7 +62,7 @@ def install_wheels(src: str, target: str) -> List[str]:
         except ImportError:
             lines.append("install: pip is missing; unpacking the wheels")
             for w in todo:
-                _unpack(w, target)
+                unpack_wheel(w, target)
     # `nvidia` is a namespace shared with the system's CUDA wheels, several of which ship an
     # __init__.py: a folder of it without one would be hidden by such a package unless that
     # one extends its path; this one extends ours (pkgutil), so both are found either way
@@ -73,7 +73,7 @@ def install_wheels(src: str, target: str) -> List[str]:
     return lines + [f"  {os.path.basename(w)}" for w in todo]
 
 
-def _unpack(wheel: str, target: str) -> None:
+def unpack_wheel(wheel: str, target: str) -> None:
     with zipfile.ZipFile(wheel) as z:
         for info in z.infolist():
             parts = info.filename.split("/")

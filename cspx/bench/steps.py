@@ -205,7 +205,7 @@ def overhead(args: Namespace) -> Tuple[List[Dict], Dict]:
     return list(rows.values()), {"overhead_pct": 100 * (t / b - 1), "raw": res}
 
 
-def _baseline_loader(folder: str, cfg: Config, device: torch.device):
+def baseline_loader(folder: str, cfg: Config, device: torch.device):
     """What timm's and torchvision's reference scripts do: ImageFolder + PIL transforms +
     DataLoader (pinned, N workers), the same augmentations as the recipe."""
     a = cfg.aug
@@ -259,18 +259,18 @@ def train(args: Namespace) -> Tuple[List[Dict], Dict]:
                     cfg = bench_config(a, SYNTHETIC_ONLY, *compile_keys(EAGER))
                     bare = BareLoop(cfg, device)
                     c[f"baseline b{batch}"] = dict(
-                        run=bare.runner(_baseline_loader(args.data, cfg, device)),
+                        run=bare.runner(baseline_loader(args.data, cfg, device)),
                         flop=_flops_per_image(bare.model, args.img_size, flops), group="baseline",
                         row={"loop": "baseline (ImageFolder+PIL)", "batch": batch,
                              "compile": EAGER})
-                out += _measure(args, device, batch, c)
+                out += measure(args, device, batch, c)
             finally:
                 for ld in loaders:
                     ld.close()
     return out, {"peak_memory": peak_kind(device)}
 
 
-def _measure(args: Namespace, device: torch.device, batch: int, c: Dict[str, Dict]) -> List[Dict]:
+def measure(args: Namespace, device: torch.device, batch: int, c: Dict[str, Dict]) -> List[Dict]:
     """Warm every contender up in order (a failure becomes an error row, and the contenders
     sharing its trainer are not run), then alternate rounds, rewriting each row's medians into
     the report after every round."""

@@ -155,7 +155,7 @@ def _iterator(pipe, names, source, policy):
     return DALIGenericIterator([pipe], names, auto_reset=True, **kw)
 
 
-def _images(x: torch.Tensor, channels_last: bool, own: bool) -> torch.Tensor:
+def nchw_images(x: torch.Tensor, channels_last: bool, own: bool) -> torch.Tensor:
     """DALI's output as the model's NCHW tensor. DALI gives NHWC when channels_last: the NCHW
     view of it is channels_last, with no copy. own: copy into torch-owned memory (module doc)."""
     x = x.permute(0, 3, 1, 2) if channels_last else x
@@ -270,7 +270,7 @@ class DaliTrainLoader(CountedPosition):
         except RuntimeError as e:
             _reraise(e, self.source)
         self.consumed += 1
-        x = _images(out["images"], self.channels_last, own=self.copy_out)
+        x = nchw_images(out["images"], self.channels_last, own=self.copy_out)
         y = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
         return x, y
 
@@ -355,7 +355,7 @@ class DaliEvalLoader:
             # gather there, with no copy to or from the host per batch
             idx = out["positions"].view(-1).to(self.device, torch.int64)
             own = self.device_id is not None
-            yield _images(out["images"], self.channels_last, own), self.labels[idx], idx
+            yield nchw_images(out["images"], self.channels_last, own), self.labels[idx], idx
         self._clean = True
 
     def close(self) -> None:
