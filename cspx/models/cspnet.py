@@ -34,10 +34,18 @@ PerStage = Union[Num, Tuple[Num, ...]]
 
 @dataclass(frozen=True)
 class EvalPreset:
-    """How a model is evaluated by default (its card's protocol), as timm's pretrained configs
-    keep it beside each model: the shorter side is resized to floor(img_size / crop_pct) with
-    `interpolation`, then centre-cropped to img_size (px). Recipes and validate.py flags that
-    are null / not given take these values."""
+    """How a model is evaluated by default: the shorter side is resized to
+    floor(img_size / crop_pct) with `interpolation`, then centre-cropped to img_size (px).
+    Recipes and validate.py flags that are null / not given take these values.
+
+    Source: the model card, not timm's current pretrained config. For cspresnext50 the card's
+    protocol is 224 px, crop 0.875, bilinear: the one its published 80.05 / 94.94 top-1 / top-5
+    were measured with, and the resolution in its weights file's own name
+    (cspresnext50_ra_224-648b4713.pth). timm's pretrained config for `cspresnext50.ra_in1k`
+    (timm 1.0.31, `default_cfgs` in timm/models/cspnet.py, through its `_cfg` defaults) says
+    input_size (3, 256, 256) and crop_pct 0.887, bilinear: another protocol, which does not give
+    the card's numbers. cspx follows the card so that validate.py's defaults reproduce them;
+    models with no entry of their own take these defaults."""
     img_size: int = 224
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
