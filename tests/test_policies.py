@@ -92,6 +92,9 @@ def run_ops(images, suite, bins_of, num_bins):
 
 
 def compare(images, outputs, space):
+    """Each DALI op against torchvision's own at the same magnitude. torchvision has no public
+    per-op interface: `_apply_op` (one op) and `_augmentation_space` (the op table) are what its
+    policies call, so the reference is read there."""
     from PIL import Image
     failures = []
     for (name, b, sign), got in outputs.items():
