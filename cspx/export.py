@@ -28,8 +28,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from cspx.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, INTERP, eval_resize_size,
-                                  eval_transform, load_rgb, mean_std, normalize_)
+from cspx.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERP,
+    eval_resize_size,
+    eval_transform,
+    load_rgb,
+    mean_std,
+    normalize_,
+)
 from cspx.errors import CspxError
 from cspx.placement import place_model
 from cspx.weights import build_model_from_checkpoint

@@ -203,9 +203,10 @@ def _data(args):
 def main(argv):
     args = parse(argv)
     import torch
+
     from cspx.bench.common import Report, table
     from cspx.bench.steps import device_of
-    from cspx.runlog import provenance, format_provenance
+    from cspx.runlog import format_provenance, provenance
     if args.mode in NEEDS_DATA:
         args.data = _data(args)
     module, name = MODES[args.mode].split(":")

@@ -42,9 +42,20 @@ import cspx
 from cspx.data import imagenet_sources as src_lib
 from cspx.data import scan
 from cspx.data.index import read_classes_file
-from cspx.data.shard_format import (EXCLUDED, MANIFEST, MARKER, SAMPLE_DTYPE, SYNSETS, TABLE,
-                                    Manifest, ShardInfo, SplitInfo, check_shard, read_manifest,
-                                    shard_name)
+from cspx.data.shard_format import (
+    EXCLUDED,
+    MANIFEST,
+    MARKER,
+    SAMPLE_DTYPE,
+    SYNSETS,
+    TABLE,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    check_shard,
+    read_manifest,
+    shard_name,
+)
 from cspx.data.shard_reader import load_table
 from cspx.data.shard_writer import ShardWriter, member_bytes, verify_shard
 from cspx.errors import CspxError, run_cli

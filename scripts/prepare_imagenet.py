@@ -40,8 +40,15 @@ from tqdm import tqdm
 
 # the readers of the downloads, shared with scripts/make_shards.py (GROUND_TRUTH and
 # read_synset_map are used by the tests through this module)
-from cspx.data.imagenet_sources import (GROUND_TRUTH, csv_labels, devkit_labels,  # noqa: F401
-                                        name_lines, plan_val, read_synset_map, train_jobs)
+from cspx.data.imagenet_sources import (  # noqa: F401
+    GROUND_TRUTH,
+    csv_labels,
+    devkit_labels,
+    name_lines,
+    plan_val,
+    read_synset_map,
+    train_jobs,
+)
 from cspx.data.imagenet_sources import list_images as _images
 from cspx.data.imagenet_sources import open_tar as _open_tar
 from cspx.data.imagenet_sources import wnid_dirs as _class_dirs

@@ -137,9 +137,9 @@ def test_baseline_loader_serves_epoch_after_epoch_without_new_workers(small_imag
 def test_validate_mode_sets_up_as_validate_py(small_imagenet, tmp_path, monkeypatch):
     """benchmark.py validate measures what validate.py runs: the same kernel settings
     (precision.configure_backends, without TF32) and fp32 unless told otherwise."""
-    from cspx import precision
     import cspx.bench.io as bench_io
     import cspx.eval_checkpoint as eval_checkpoint
+    from cspx import precision
     from cspx.cli.validate import parse_args
     from cspx.eval_metrics import evaluate
     from cspx.models import create_model

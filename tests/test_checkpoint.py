@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 
+from conftest import ROOT
 from cspx import checkpoint
 from cspx.checkpoint import Checkpointer
 from cspx.config import CheckpointConfig

@@ -8,10 +8,10 @@ import re
 import pytest
 import yaml
 
+from conftest import ROOT, run_cli, run_py
 from cspx import configio
 from cspx.config import Config, load_config
 from cspx.errors import CspxError
-from conftest import ROOT, run_cli, run_py
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 

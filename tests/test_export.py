@@ -13,12 +13,11 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from conftest import run_py
 from cspx import export as ex
 from cspx.checkpoint import FORMAT, FORMAT_VERSION
 from cspx.errors import run_cli
 from cspx.models import create_model
-
-from conftest import run_py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -10,6 +10,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+
 from conftest import ROOT
 from test_resume import assert_same_tensors, load
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cspx.models import create_model
 from cspx.bench.flops import forward_flops
+from cspx.models import create_model
 
 
 def shape_flops(model: nn.Module, img_size: int) -> int:

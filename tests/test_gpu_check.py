@@ -115,7 +115,7 @@ def test_out_is_refused_unless_gpu_check_made_it(tmp_path):
 
 def test_wheels_unpack_without_pip(tmp_path):
     """Where pip is missing, a wheel is unpacked: its files land as pip --target puts them."""
-    from cspx.bench.check import unpack_wheel, probe_wheel
+    from cspx.bench.check import probe_wheel, unpack_wheel
     wheel = probe_wheel(str(tmp_path / "wheels"))
     unpack_wheel(wheel, str(tmp_path / "site"))
     r = subprocess.run([sys.executable, "-c", "import nvidia.cspx_rehearsal_probe as p; "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from timm.models.cspnet import CspModelCfg, CspNet as TimmCspNet, CspStagesCfg, CspStemCfg
+from timm.models.cspnet import CspModelCfg, CspStagesCfg, CspStemCfg
+from timm.models.cspnet import CspNet as TimmCspNet
 from torch import nn
 
 from cspx.errors import CspxError

@@ -14,8 +14,15 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distributed import (COMMON, _start, _wait_checkpoint, _worker_pids, recipe,
-                              two_rank_reference)
+
+from test_distributed import (
+    COMMON,
+    _start,
+    _wait_checkpoint,
+    _worker_pids,
+    recipe,
+    two_rank_reference,
+)
 from test_resume import assert_same_tensors, load, steps_saved
 
 

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import ROOT
 from torch import nn
 
+from conftest import ROOT
 from cspx.config import Config, load_config, with_updates
 from cspx.optim import build_optimizer, set_lr
 from cspx.schedule import cosine_lr, lr_for, poly_lr, step_lr

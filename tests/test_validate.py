@@ -20,6 +20,7 @@ def test_torch_eval_tensors_equal_timm_transform(sample_dir):
     timm.data.create_transform(224, crop_pct=0.875, interpolation='bilinear')."""
     import timm.data
     from PIL import Image
+
     from cspx.data.index import build_index
     from cspx.data.torch_loader import TorchEvalLoader
     ref_tf = timm.data.create_transform(224, crop_pct=0.875, interpolation="bilinear")

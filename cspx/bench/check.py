@@ -132,6 +132,7 @@ def check_dali(device_name: str) -> str:
     import numpy as np
     import torch
     from PIL import Image
+
     from cspx.data.dali_loader import dali_available
     device = torch.device(device_name)
     ok, why = dali_available(device)
@@ -224,6 +225,7 @@ def main(argv: Sequence[str]) -> int:
         print(probe_wheel(rest[0]))
     elif cmd == "preflight":
         import json
+
         from cspx.runlog import versions
         with open(rest[1], "a") as f:
             f.write(json.dumps(versions(), indent=1) + "\n")

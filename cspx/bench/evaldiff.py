@@ -72,6 +72,7 @@ def _naive(index, img_size: int, crop_pct: float, interpolation: str, batch: int
     """The obvious DALI eval pipeline: DALI's resize_shorter and crop_pos 0.5 (docs/dali.md)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
     from cspx.data.dali_loader import _file_list
     from cspx.data.dali_pipelines import INTERP, MEAN_255, STD_255
 

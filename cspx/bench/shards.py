@@ -182,6 +182,7 @@ def _rows(size: int, kind: str, res: Dict[str, List[Dict[str, float]]]) -> List[
 def _child(spec: dict) -> None:
     """A training run's data stage, timed (see the module doc); prints one JSON line."""
     import torch
+
     from cspx.config import load_config
     from cspx.data.build import build_splits, build_train_loader
     from cspx.distributed import DistEnv

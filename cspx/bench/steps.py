@@ -15,7 +15,7 @@ import gc
 import itertools
 import tempfile
 from argparse import Namespace
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -62,8 +62,13 @@ import torch
 from cspx.config import AugConfig
 from cspx.data.dali_sources import ShardEvalSource, ShardTrainSource
 from cspx.data.index import FolderSplit, cache_dir
-from cspx.data.loader import (CountedPosition, DataSplit, EpochBatchSampler, contiguous_share,
-                              listing_hash)
+from cspx.data.loader import (
+    CountedPosition,
+    DataSplit,
+    EpochBatchSampler,
+    contiguous_share,
+    listing_hash,
+)
 from cspx.data.transforms import eval_resize_size, sample_seed
 from cspx.errors import CspxError
 
@@ -245,6 +250,7 @@ class DaliTrainLoader(CountedPosition):
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import LastBatchPolicy
+
         from cspx.data.dali_pipelines import train_pipeline
         try:
             self._pipe = train_pipeline(self.reader, **self.params, batch_size=self.micro_batch,
@@ -330,6 +336,7 @@ class DaliEvalLoader:
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import LastBatchPolicy
+
         from cspx.data.dali_pipelines import eval_pipeline
         self.close()
         self._pipe = eval_pipeline(self.reader, **self.params, batch_size=self.batch_size,

@@ -33,7 +33,8 @@ from __future__ import annotations
 from typing import Any, Dict, Sequence
 
 import numpy as np
-from nvidia.dali import fn, math as dmath, pipeline_def, types
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from cspx.data.dali_policies import apply_policy
 from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ra_magnitude_bin

@@ -29,8 +29,8 @@ from typing import Deque, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cspx.data import scan
-from cspx.data.shard_reader import ShardSplit
 from cspx.data.loader import EpochBatchSampler
+from cspx.data.shard_reader import ShardSplit
 from cspx.errors import CspxError
 
 Batch = Tuple[List[np.ndarray], List[np.ndarray]]

@@ -15,8 +15,19 @@ A split must fit its batches (`check_fits`); that is checked once, where a run i
 from __future__ import annotations
 
 import hashlib
-from typing import (Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence,
-                    Tuple, runtime_checkable)
+from typing import (
+    Any,
+    ClassVar,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
 import numpy as np
 import torch

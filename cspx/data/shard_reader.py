@@ -29,8 +29,14 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from cspx.data.shard_format import (SAMPLE_DTYPE, TABLE, Manifest, ShardInfo, failing_shards,
-                                    read_manifest)
+from cspx.data.shard_format import (
+    SAMPLE_DTYPE,
+    TABLE,
+    Manifest,
+    ShardInfo,
+    failing_shards,
+    read_manifest,
+)
 from cspx.errors import CspxError
 
 log = logging.getLogger("cspx")

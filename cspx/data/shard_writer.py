@@ -14,8 +14,15 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from cspx.data.shard_format import (BLOCK, COMPONENTS, INDEX_VERSION, SAMPLE_DTYPE, ShardInfo,
-                                    quick_hash, sample_key)
+from cspx.data.shard_format import (
+    BLOCK,
+    COMPONENTS,
+    INDEX_VERSION,
+    SAMPLE_DTYPE,
+    ShardInfo,
+    quick_hash,
+    sample_key,
+)
 from cspx.files import atomic_write, fsync_dir, temp_path
 
 

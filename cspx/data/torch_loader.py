@@ -29,8 +29,15 @@ from torch.utils.data import DataLoader, Dataset
 from cspx import hostmem
 from cspx.config import AugConfig
 from cspx.data.loader import CountedPosition, DataSplit, EpochBatchSampler, contiguous_share
-from cspx.data.transforms import (TrainTransform, decode_rgb, eval_transform, mean_std,
-                                  normalize_, sample_seed, seeded)
+from cspx.data.transforms import (
+    TrainTransform,
+    decode_rgb,
+    eval_transform,
+    mean_std,
+    normalize_,
+    sample_seed,
+    seeded,
+)
 from cspx.errors import CspxError
 from cspx.placement import memory_format
 
