@@ -118,7 +118,7 @@ def tree_digest(root):
     left a user's folder byte-for-byte as it was."""
     import hashlib
     out = {}
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         rel = os.path.relpath(folder, root)
         out[rel + "/"] = "dir"
         for name in files:

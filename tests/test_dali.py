@@ -219,7 +219,7 @@ def test_train_labels_are_disjoint_shards_of_each_epoch(env, index):
              for r in (0, 1)]
     assert [r.batches_per_epoch for r in ranks] == [6, 6]  # shards of 52 and 53 images
     valid = set(index.labels.tolist())
-    for epoch in range(2):
+    for _epoch in range(2):
         per_rank = [[k for _ in range(6) for k in next(r)[1].tolist()] for r in ranks]
         for labels in per_rank:
             assert len(labels) == 48 == len(set(labels)) and set(labels) <= valid
@@ -542,7 +542,7 @@ def test_gpu_memory_does_not_grow_over_epochs(env, index):
                              rank=0, world=1, workers=4, device=dev, channels_last=True,
                              dtype=torch.float16, file_list_dir=str(env / "lists"))
     used = []
-    for epoch in range(10):
+    for _epoch in range(10):
         for _ in range(loader.batches_per_epoch):
             x, _ = next(loader)
             x.float().sum().item()  # consume the batch as training would

@@ -351,7 +351,8 @@ def test_ranks_check_their_own_copies_and_agree_or_all_stop(demo_shards, monkeyp
     for other, message in [(("rank 1: /x/train/train-000003.tar is 5 bytes", None),
                             "^rank 1: /x/train/train-000003.tar is 5 bytes$"),
                            (("", [mine[0], "0" * 16]), "the ranks read different samples")]:
-        monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, env: [obj, other])
+        monkeypatch.setattr(distributed, "all_gather_objects",
+                            lambda obj, env, other=other: [obj, other])
         with pytest.raises(CspxError, match=message):
             open_shards_on_every_rank(demo_shards, ["train", "val"], "", "", "refuse", env)
     monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, env: [obj, obj])

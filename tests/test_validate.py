@@ -29,7 +29,7 @@ def test_torch_eval_tensors_equal_timm_transform(sample_dir):
                              batch_size=16, rank=0, world=1, workers=0, device=torch.device("cpu"),
                              channels_last=False)
     n = 0
-    for x, y, idx in loader:
+    for x, _y, idx in loader:
         for xi, i in zip(x, idx.tolist()):
             ref = ref_tf(Image.open(index.path(i)).convert("RGB"))
             assert torch.equal(xi, ref), index.files[i]

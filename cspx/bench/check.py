@@ -263,4 +263,5 @@ if __name__ == "__main__":
         raise
     except Exception as e:  # one line, as every check here reports
         raise SystemExit(f"{sys.argv[1] if len(sys.argv) > 1 else 'check'} failed: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         ) from None  # the line replaces the traceback

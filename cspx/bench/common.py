@@ -86,11 +86,18 @@ def table(rows: List[Dict], title: str) -> str:
     if not rows:
         return f"{title}: no results"
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:,.3f}" if isinstance(v, float) and abs(v) < 100 else (
-        f"{v:,.1f}" if isinstance(v, float) else str(v))
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
+        return str(v)
+
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths))
+
+    def line(xs: List[str]) -> str:
+        return "  ".join(x.rjust(w) for x, w in zip(xs, widths))
+
     return "\n".join([title, line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
+from functools import partial
 from typing import Dict, List, Tuple
 
 from cspx.bench.common import alternate, make_jpegs, median
@@ -125,6 +126,11 @@ def _copy_seconds(src: str, scratch_parent: str) -> float:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _launch_cold(args: Namespace, overrides: List[str], caches: str) -> Dict[str, float]:
+    """_launch with a new, empty index cache under `caches`."""
+    return _launch(args, overrides, tempfile.mkdtemp(dir=caches))
+
+
 def bench(args: Namespace) -> Tuple[List[Dict], Dict]:
     n = args.make_data or DEFAULT_IMAGES
     data = datasets(n, args.workers)
@@ -135,16 +141,14 @@ def bench(args: Namespace) -> Tuple[List[Dict], Dict]:
         for size, (folder, shards) in data.items():
             for kind in args.loaders:
                 warm = os.path.join(caches, f"warm-{size}-{kind}")
-                cold = lambda: tempfile.mkdtemp(dir=caches)  # noqa: E731  a new, empty cache
+                on_folder = _overrides(args, folder, "folder", kind)
+                on_shards = _overrides(args, shards, "shards", kind)
                 runs = {
-                    "folder, cold index": lambda: _launch(args, _overrides(
-                        args, folder, "folder", kind), cold()),
-                    "folder, warm index": lambda: _launch(args, _overrides(
-                        args, folder, "folder", kind), warm),
-                    "shards": lambda: _launch(args, _overrides(args, shards, "shards", kind),
-                                              cold()),
+                    "folder, cold index": partial(_launch_cold, args, on_folder, caches),
+                    "folder, warm index": partial(_launch, args, on_folder, warm),
+                    "shards": partial(_launch_cold, args, on_shards, caches),
                 }
-                _launch(args, _overrides(args, folder, "folder", kind), warm)  # fills `warm`
+                _launch(args, on_folder, warm)  # fills `warm`
                 res = alternate(runs, args.rounds)
                 raw[f"{size} {kind}"] = res
                 rows += _rows(size, kind, res)

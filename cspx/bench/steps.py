@@ -15,6 +15,7 @@ import gc
 import itertools
 import tempfile
 from argparse import Namespace
+from functools import partial
 from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
@@ -284,7 +285,7 @@ def measure(args: Namespace, device: torch.device, batch: int, c: Dict[str, Dict
             continue
         try:
             reset_peak(device)
-            row["warm-up s"] = seconds(lambda: x["run"](args.warmup), device)
+            row["warm-up s"] = seconds(partial(x["run"], args.warmup), device)
         except Exception as e:  # noqa: BLE001 - one failing variant must not end the others
             row["error"] = failed[x["group"]] = _error(e)
             args.report.flush()
@@ -348,7 +349,7 @@ def model(args: Namespace) -> Tuple[List[Dict], Dict]:
                 work.setdefault("forward_flops_per_image", round(per_img / 3))
                 work.setdefault("conv_output_values_per_image", conv_outputs(t.model, args.img_size))
                 run = trainer_runner(t, device)
-                warm = seconds(lambda: run(args.warmup), device)
+                warm = seconds(partial(run, args.warmup), device)
                 s = median([run(args.steps) for _ in range(args.rounds)])
                 row.update({"ms/step": 1000 * s, "img/s": batch / s,
                             "TFLOP/s": batch / s * per_img / 1e12, "peak MiB": peak_mib(device),
