@@ -39,7 +39,8 @@ class RunConfig:
 
     def __post_init__(self):
         _check(bool(self.dir), "dir", "must not be empty")
-        _check(self.log_every_steps > 0, "log_every_steps", f"must be > 0, got {self.log_every_steps}")
+        _check(self.log_every_steps > 0, "log_every_steps",
+               f"must be > 0, got {self.log_every_steps}")
         _check(self.stall_timeout == 0 or self.stall_timeout >= 1, "stall_timeout",
                f"must be 0 (off) or >= 1 second, got {self.stall_timeout}")
 
@@ -131,7 +132,8 @@ class AugConfig:
     def __post_init__(self):
         _check(self.img_size >= 8, "img_size", f"must be >= 8, got {self.img_size}")
         lo, hi = self.scale
-        _check(0.0 < lo <= hi <= 1.0, "scale", f"must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
+        _check(0.0 < lo <= hi <= 1.0, "scale",
+               f"must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
         lo, hi = self.ratio
         _check(0.0 < lo <= hi, "ratio", f"must satisfy 0 < min <= max, got {list(self.ratio)}")
         _check(0.0 <= self.hflip <= 1.0, "hflip", "must be in [0, 1]")
@@ -184,7 +186,8 @@ class TrainConfig:
         _check(self.batch_size % self.accum_steps == 0, "batch_size",
                f"{self.batch_size} is not divisible by train.accum_steps={self.accum_steps}")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
-        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "must be > 0")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm",
+               "must be > 0")
         _check(self.freeze_backbone_steps >= 0, "freeze_backbone_steps", "must be >= 0")
         _check(self.max_skipped_steps >= 1, "max_skipped_steps",
                f"must be >= 1, got {self.max_skipped_steps}")

@@ -199,7 +199,8 @@ def check_keys(cls: Type, over: Dict[str, Any], prefix: str = "") -> None:
             raise CspxError(f"command line: {_unknown(key, prefix, fields)}")
         if is_section(hints[key]):
             if not isinstance(value, dict):
-                raise CspxError(f"command line: {prefix}{key}: is a section, set {prefix}{key}.<key>")
+                raise CspxError(f"command line: {prefix}{key}: is a section, "
+                                f"set {prefix}{key}.<key>")
             check_keys(hints[key], value, f"{prefix}{key}.")
 
 

@@ -68,8 +68,7 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     rows: List[tuple] = []
 
     def keep(indices, labels, top_idx, top_prob):
-        for i, y, ti, tp in zip(indices.tolist(), labels.tolist(), top_idx.tolist(), top_prob.tolist()):
-            rows.append((i, y, ti, tp))
+        rows.extend(zip(indices.tolist(), labels.tolist(), top_idx.tolist(), top_prob.tolist()))
 
     bar = tqdm(total=loader.num_samples, unit="img", disable=not env.is_main, dynamic_ncols=True)
     r = evaluate(model, loader, env, args.precision, on_batch=keep if args.predictions else None,
@@ -79,8 +78,8 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
     result = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "count": r["count"],
               "images_per_sec": r["count"] / max(r["seconds"], 1e-9), "failed": r["failed"],
               "excluded": len(split.excluded),
-              "settings": {"checkpoint": os.path.abspath(args.checkpoint), "model": info["model_name"],
-                           "data_dir": os.path.abspath(split_dir),
+              "settings": {"checkpoint": os.path.abspath(args.checkpoint),
+                           "model": info["model_name"], "data_dir": os.path.abspath(split_dir),
                            "img_size": protocol.img_size, "crop_pct": protocol.crop_pct,
                            "interpolation": protocol.interpolation,
                            "batch_size": args.batch_size, "workers": args.workers,
@@ -96,8 +95,9 @@ def _run(args: Namespace, env: distributed.DistEnv) -> Dict[str, Any]:
             _write_predictions(args.predictions, split,
                                sorted(x for part in all_rows for x in part))
     if env.is_main:
-        print(f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  loss {result['loss']:.4f}  "
-              f"images {result['count']}  {result['images_per_sec']:.1f} img/s"
+        print(f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  "
+              f"loss {result['loss']:.4f}  images {result['count']}  "
+              f"{result['images_per_sec']:.1f} img/s"
               + (f"  ({r['failed']} failed to decode)" if r["failed"] else ""), flush=True)
         if args.json:
             atomic_write(args.json, json.dumps(result, indent=2))

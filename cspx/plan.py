@@ -83,9 +83,9 @@ def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSpli
     lines = [
         "plan (dry run: recipe and data checked, nothing trained)",
         f"  model         {cfg.model.name}: {params:,} parameters, {cfg.model.num_classes} classes",
-        f"  data          {len(train):,} train / {len(val):,} val images in {train.num_classes} classes "
-        f"({len(train.excluded) + len(val.excluded)} excluded), {cfg.data.format}, "
-        f"{cfg.data.loader} loader",
+        f"  data          {len(train):,} train / {len(val):,} val images in "
+        f"{train.num_classes} classes ({len(train.excluded) + len(val.excluded)} excluded), "
+        f"{cfg.data.format}, {cfg.data.loader} loader",
         *([f"  {'':<13} val held out of the training images: {cfg.data.val_split:g} of each "
            f"class (data.val_split), drawn from seed {cfg.seed}"] if cfg.data.val_split else []),
         f"  batch         {t.batch_size} images per step = {world} rank(s) x {t.accum_steps} "
@@ -95,9 +95,10 @@ def describe_plan(cfg: Config, model: nn.Module, train: DataSplit, val: DataSpli
         f"{images:,} images seen",
         f"  optimizer     {_optimizer(cfg)}",
         *_lr_lines(cfg),
-        f"  eval          every {cfg.eval.every_steps or 'end-only'} steps at {cfg.eval.img_size} px, "
-        f"crop {cfg.eval.crop_pct}",
-        f"  checkpoints   every {cfg.checkpoint.every_steps or 'end-only'} steps, keep {cfg.checkpoint.keep_last}, "
+        f"  eval          every {cfg.eval.every_steps or 'end-only'} steps at "
+        f"{cfg.eval.img_size} px, crop {cfg.eval.crop_pct}",
+        f"  checkpoints   every {cfg.checkpoint.every_steps or 'end-only'} steps, "
+        f"keep {cfg.checkpoint.keep_last}, "
         f"about {checkpoint_bytes(model, cfg.ema.enabled, buffers) / 2**20:,.0f} MiB each "
         f"(model{state}{' + EMA' if cfg.ema.enabled else ''})",
         f"  output        {cfg.run.dir}",

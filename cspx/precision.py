@@ -49,7 +49,8 @@ def loader_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def configure_backends(device: torch.device, deterministic: bool = False, tf32: bool = True) -> None:
+def configure_backends(device: torch.device, deterministic: bool = False,
+                       tf32: bool = True) -> None:
     """Kernel choices: deterministic algorithms (and no cuDNN autotuning) when asked; on a GPU,
     cuDNN autotuning for the fixed input shapes and, with `tf32`, TF32 tensor cores for fp32
     matmuls and convolutions (training). Without `tf32` torch's defaults stay (validation).

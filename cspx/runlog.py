@@ -27,7 +27,8 @@ log = logging.getLogger("cspx")
 
 
 def git_commit() -> str:
-    """Commit of the cspx source tree, with '+dirty' for uncommitted changes; 'unknown' outside git."""
+    """Commit of the cspx source tree, with '+dirty' for uncommitted changes; 'unknown' outside
+    git."""
     src = os.path.dirname(os.path.dirname(os.path.abspath(cspx.__file__)))
     try:
         r = subprocess.run(["git", "-C", src, "rev-parse", "--verify", "-q", "HEAD"],

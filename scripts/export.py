@@ -16,8 +16,10 @@ Files the export would replace are refused unless they were written by an earlie
 same PREFIX (PREFIX.json lists them), or --force is given.
 
 Examples:
-  python scripts/export.py --checkpoint runs/cspresnext50_ra/checkpoints/best.pt --ema --out exported/cspresnext50
-  python scripts/export.py --checkpoint cspresnext50_ra_224-648b4713.pth --format onnx --out cspresnext50
+  python scripts/export.py --checkpoint runs/cspresnext50_ra/checkpoints/best.pt --ema \\
+      --out exported/cspresnext50
+  python scripts/export.py --checkpoint cspresnext50_ra_224-648b4713.pth --format onnx \\
+      --out cspresnext50
 """
 from __future__ import annotations
 

@@ -27,8 +27,9 @@ def recipe(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     return write(tmp_path, f"seed: 1\nrun: {{dir: {tmp_path / 'run'}}}\ndata: {{root: {data}}}\n"
-                           f"model: {{name: cspresnext_tiny}}\ntrain: {{steps: 10, batch_size: 8}}\n"
-                           f"optim: {{lr: 0.1}}\n")
+                           "model: {name: cspresnext_tiny}\n"
+                           "train: {steps: 10, batch_size: 8}\n"
+                           "optim: {lr: 0.1}\n")
 
 
 def test_all_recipes_load_and_are_complete(tmp_path):
@@ -51,7 +52,8 @@ def test_every_recipe_key_has_a_comment():
 
 
 def test_documented_recipe_values(tmp_path):
-    c = load_config(os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml"), [f"data.root={tmp_path}"])
+    c = load_config(os.path.join(ROOT, "recipes", "cspresnext50_ra.yaml"),
+                    [f"data.root={tmp_path}"])
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.1, 0.9, 0.005)
     assert (c.train.steps, c.train.batch_size, c.train.label_smoothing) == (8_000_000, 128, 0.1)
     assert (c.sched.power, c.sched.burn_in) == (4.0, 1000)
@@ -59,7 +61,8 @@ def test_documented_recipe_values(tmp_path):
     assert c.aug.ratio == pytest.approx((3 / 4, 4 / 3))
     assert (c.aug.randaugment_ops, c.aug.randaugment_magnitude, c.aug.hflip) == (2, 7.0, 0.5)
     assert (c.eval.img_size, c.eval.crop_pct, c.eval.interpolation) == (224, 0.875, "bilinear")
-    d = load_config(os.path.join(ROOT, "recipes", "cspresnext50_darknet.yaml"), [f"data.root={tmp_path}"])
+    d = load_config(os.path.join(ROOT, "recipes", "cspresnext50_darknet.yaml"),
+                    [f"data.root={tmp_path}"])
     assert (d.train.steps, d.optim.weight_decay, d.train.label_smoothing) == (800_000, 0.0005, 0.0)
     assert (d.aug.hue, d.aug.saturation, d.aug.exposure, d.aug.rotate) == (0.1, 0.75, 0.75, 7.0)
 
@@ -106,17 +109,20 @@ def test_overrides_are_yaml_scalars(recipe):
     ("eval: {crop_pct: 1.5}", "eval.crop_pct: must be in (0, 1], got 1.5"),
     ("data: {val_split: 1}", "data.val_split: must be in (0, 1) or null, got 1"),
     ("train: {steps: 0}", "train.steps: must be > 0, got 0"),
-    ("train: {batch_size: 128, accum_steps: 3}", "train.batch_size: 128 is not divisible by train.accum_steps=3"),
+    ("train: {batch_size: 128, accum_steps: 3}",
+     "train.batch_size: 128 is not divisible by train.accum_steps=3"),
     ("aug: {scale: [0.5]}", "aug.scale: expected a list of 2 a number"),
     ("train: 5", "train: expected a mapping"),
-    ("data: {root: /nonexistent/imagenet}", "data.root: folder '/nonexistent/imagenet' does not exist"),
+    ("data: {root: /nonexistent/imagenet}",
+     "data.root: folder '/nonexistent/imagenet' does not exist"),
 ])
 def test_recipe_errors_name_file_and_key(tmp_path, text, message):
     data = tmp_path / "d"
     data.mkdir()
     base = {"run": {"dir": "r"}, "model": {"name": "cspresnext_tiny"}, "data": {"root": str(data)},
             "train": {"steps": 10, "batch_size": 8}, "optim": {"lr": 0.1}}
-    merged = configio.merge(base, yaml.safe_load(text)) if isinstance(yaml.safe_load(text), dict) else text
+    parsed = yaml.safe_load(text)
+    merged = configio.merge(base, parsed) if isinstance(parsed, dict) else text
     path = write(tmp_path, yaml.safe_dump(merged) if isinstance(merged, dict) else text)
     with pytest.raises(CspxError) as e:
         load_config(path)
@@ -155,8 +161,10 @@ def test_non_numbers_nan_and_inf_stay_refused(recipe, tmp_path, text):
 
 
 def test_override_errors_name_the_command_line(recipe):
-    for ov, msg in [(["optim.lrr=1"], "command line: optim.lrr: unknown key, did you mean optim.lr?"),
-                    (["train.steps=abc"], "command line: train.steps: expected an integer, got 'abc'"),
+    for ov, msg in [(["optim.lrr=1"],
+                     "command line: optim.lrr: unknown key, did you mean optim.lr?"),
+                    (["train.steps=abc"],
+                     "command line: train.steps: expected an integer, got 'abc'"),
                     (["optim=1"], "command line: optim: is a section"),
                     (["nonsense"], "command line: 'nonsense': expected dotted.key=value")]:
         with pytest.raises(CspxError) as e:

@@ -53,7 +53,8 @@ def test_ddp_wrap_leaves_buffer_sync_to_evaluation(tmp_path, monkeypatch):
         ddp = t.forward_model
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.module is model
         # torch >= 2.14 names it forward_sync_buffers (and deprecates broadcast_buffers)
-        assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is False
+        old_name = getattr(ddp, "broadcast_buffers", None)
+        assert getattr(ddp, "forward_sync_buffers", old_name) is False
         t.train_step()  # forward, backward with the gradient all-reduce, SGD step
         assert t.progress.step == 1 and t.model is model
     finally:

@@ -112,7 +112,8 @@ def test_dry_run_finds_a_dataset_smaller_than_one_batch(sample_dir, tmp_path, lo
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
         "error: data.root: the training set has 105 images, but one batch needs 128 images per "
-        "rank x 1 rank(s) = 128; lower train.batch_size (or raise train.accum_steps), or add images")
+        "rank x 1 rank(s) = 128; lower train.batch_size (or raise train.accum_steps), "
+        "or add images")
 
 
 def test_synthetic_class_limit_is_one_line(tmp_path):

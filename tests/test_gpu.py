@@ -62,7 +62,8 @@ def test_compile_channels_last_checkpoint_has_plain_keys():
     for _ in range(2):
         t.train_step()
     keys = list(t.ckpt.state_dict()["model"])
-    assert keys[0] == "stem.conv1.conv.weight" and not any("_orig_mod" in k or "module." in k for k in keys)
+    assert keys[0] == "stem.conv1.conv.weight"
+    assert not any("_orig_mod" in k or "module." in k for k in keys)
     w = t.model.stem.conv1.conv.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
 
@@ -99,9 +100,10 @@ def test_auto_precision_is_bf16_or_fp16_on_gpu():
 def test_demo_trains_on_gpu_with_dali(demo_data, tmp_path):
     # TensorBoard (its image grid holds a DALI batch) where the machine has it
     tb = importlib.util.find_spec("tensorboard") is not None
-    r = run_py(["train.py", "--recipe", "recipes/demo.yaml", f"run.dir={tmp_path}", f"data.root={demo_data}",
-                "run.device=cuda", "data.loader=dali", "train.precision=auto", "train.steps=60",
-                "sched.burn_in=5", "eval.every_steps=60", "model.channels_last=true",
+    r = run_py(["train.py", "--recipe", "recipes/demo.yaml", f"run.dir={tmp_path}",
+                f"data.root={demo_data}", "run.device=cuda", "data.loader=dali",
+                "train.precision=auto", "train.steps=60", "sched.burn_in=5", "eval.every_steps=60",
+                "model.channels_last=true",
                 f"run.tensorboard={str(tb).lower()}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dali loader" in r.stderr and "cuda" in r.stderr

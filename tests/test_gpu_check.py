@@ -106,7 +106,8 @@ def test_out_is_refused_unless_gpu_check_made_it(tmp_path):
     before = tree_digest(mine)
     r, _ = gpu_check("--rehearse", mine)
     assert r.returncode == 2 and tree_digest(mine) == before
-    assert len(r.stderr.strip().splitlines()) == 1 and "not empty and was not made by cspx" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "not empty and was not made by cspx" in r.stderr
     r, _ = gpu_check("--rehearse", "--only", "nothing", tmp_path / "new")
     assert r.returncode == 0 and (tmp_path / "new" / ".cspx-gpu-check").is_file()
     r, _ = gpu_check("--rehearse", "--only", "nothing", tmp_path / "new")  # its own: reused

@@ -21,10 +21,10 @@ EVAL_ATOL = 1e-5
 # bit-identical outputs, gradients and BN statistics (max diff 0.0). The tolerance only absorbs a
 # legitimate change of summation order inside a kernel (another blocking or SIMD path): BN's
 # batch mean/var and their backward reduce over N*H*W values (2*112*112 = 25k in the stem
-# at 224 px), where reassociation moves a sum by up to ~sqrt(n)*eps ~ 1e-5 relative, and the division
-# by the batch std in ~50 BN layers in a row can amplify that. So we allow 1e-4 of each tensor's
-# largest magnitude. Real differences (another LeakyReLU slope, swapped split halves, a missing
-# activation) are >= 1e-2 relative; test_tolerance_catches_a_real_difference checks one.
+# at 224 px), where reassociation moves a sum by up to ~sqrt(n)*eps ~ 1e-5 relative, and the
+# division by the batch std in ~50 BN layers in a row can amplify that. So we allow 1e-4 of each
+# tensor's largest magnitude. Real differences (another LeakyReLU slope, swapped split halves, a
+# missing activation) are >= 1e-2 relative; test_tolerance_catches_a_real_difference checks one.
 TRAIN_RTOL = 1e-4
 
 
@@ -100,7 +100,8 @@ def test_groupnorm_variant_is_batch_split_invariant():
     training-mode forward of 8 images equals two forwards of 4 (BN's would differ by ~1e-1)."""
     from cspx.models.layers import GroupNormAct2d
     torch.manual_seed(0)
-    gn, bn = create_model("cspresnext_tiny_gn", num_classes=10), create_model("cspresnext_tiny", num_classes=10)
+    gn = create_model("cspresnext_tiny_gn", num_classes=10)
+    bn = create_model("cspresnext_tiny", num_classes=10)
     assert list(gn.state_dict().keys()) == [k for k in bn.state_dict() if "running" not in k
                                             and "num_batches" not in k]
     norms = [m for m in gn.modules() if isinstance(m, GroupNormAct2d)]

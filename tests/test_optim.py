@@ -48,7 +48,8 @@ def test_sgd_step_applies_decay_only_to_weights():
         p.grad = torch.zeros_like(p)
     opt.step()
     for n, p in m.named_parameters():
-        expect = before[n] * (1 - 0.1 * 0.5) if n in ("conv.weight", "dw.weight", "fc.weight") else before[n]
+        decayed = n in ("conv.weight", "dw.weight", "fc.weight")
+        expect = before[n] * (1 - 0.1 * 0.5) if decayed else before[n]
         assert torch.allclose(p, expect, rtol=0, atol=1e-7), n
 
 

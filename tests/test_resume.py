@@ -36,7 +36,8 @@ def start(args):
 
 
 def steps_saved(run_dir):
-    return sorted(int(os.path.basename(p)[5:13]) for p in glob.glob(f"{run_dir}/checkpoints/step_*.pt"))
+    return sorted(int(os.path.basename(p)[5:13])
+                  for p in glob.glob(f"{run_dir}/checkpoints/step_*.pt"))
 
 
 def kill_after_checkpoint(proc, run_dir, min_step, timeout=240):
@@ -67,7 +68,8 @@ def load(path):
 
 def assert_same_tensors(a, b, where=""):
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
+        assert torch.equal(a, b), \
+            f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for k in a:
@@ -128,7 +130,8 @@ def check_equal_runs(ref_dir, run_dir):
     ra, rb = metrics(ref_dir), metrics(run_dir)
     assert [r["step"] for r in rb] == [r["step"] for r in ra] == list(range(2, 25, 2))
     assert [r["loss"] for r in rb] == [r["loss"] for r in ra]
-    assert [r["top1"] for r in metrics(run_dir, "eval")] == [r["top1"] for r in metrics(ref_dir, "eval")]
+    assert ([r["top1"] for r in metrics(run_dir, "eval")] ==
+            [r["top1"] for r in metrics(ref_dir, "eval")])
 
 
 def tb_steps(run_dir, tag="train/loss"):
@@ -228,8 +231,8 @@ def test_truncated_last_falls_back_and_pruning(demo_data, reference, workdir):
     ck = os.path.join(run_dir, "checkpoints")
     # keep_last=3 step files, plus last.pt and best.pt as links
     assert steps_saved(run_dir) == [18, 21, 24]
-    assert sorted(n for n in os.listdir(ck) if n[0] != ".") == ["best.pt", "last.pt", "step_00000018.pt", "step_00000021.pt",
-                                      "step_00000024.pt"]
+    assert sorted(n for n in os.listdir(ck) if n[0] != ".") == [
+        "best.pt", "last.pt", "step_00000018.pt", "step_00000021.pt", "step_00000024.pt"]
     assert os.path.samefile(f"{ref}/checkpoints/last.pt", f"{ref}/checkpoints/step_00000024.pt")
     size = os.path.getsize(os.path.join(ck, "last.pt"))
     for name in ("last.pt", "step_00000024.pt"):  # one file under two names in a real run dir

@@ -17,7 +17,8 @@ def test_rank_shards_are_disjoint_and_cover_the_epoch():
     shards = [take(EpochBatchSampler(n=n, micro_batch=mb, rank=r, world=world, seed=3),
                    2 * per_epoch) for r in range(world)]
     for epoch in range(2):
-        seen = [[k for b in s[epoch * per_epoch:(epoch + 1) * per_epoch] for k in b] for s in shards]
+        seen = [[k for b in s[epoch * per_epoch:(epoch + 1) * per_epoch] for k in b]
+                for s in shards]
         assert all(e == epoch for part in seen for e, _ in part)
         idx = [{i for _, i in part} for part in seen]
         assert not idx[0] & idx[1]                         # disjoint

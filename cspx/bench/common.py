@@ -98,7 +98,8 @@ def table(rows: List[Dict], title: str) -> str:
     def line(xs: List[str]) -> str:
         return "  ".join(x.rjust(w) for x, w in zip(xs, widths))
 
-    return "\n".join([title, line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+    rule = line(["-" * w for w in widths])
+    return "\n".join([title, line(cols), rule] + [line(r) for r in cells])
 
 
 def write_json(path: str, payload: Dict) -> None:

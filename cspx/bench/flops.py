@@ -43,8 +43,11 @@ def conv_outputs(model: nn.Module, img_size: int = 224) -> int:
     chans = int(getattr(model, "in_chans", 3))
     x = torch.zeros(1, chans, img_size, img_size, device=ref.device, dtype=ref.dtype)
     total = [0]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+    def count(_m, _i, out: torch.Tensor) -> None:
+        total[0] += out.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
     was_training = model.training
     model.eval()
     try:

@@ -211,10 +211,11 @@ def baseline_loader(folder: str, cfg: Config, device: torch.device):
     DataLoader (pinned, N workers), the same augmentations as the recipe."""
     a = cfg.aug
     tf = [T.RandomResizedCrop(a.img_size, scale=a.scale, ratio=a.ratio,
-                              interpolation=INTERP[a.interpolation]), T.RandomHorizontalFlip(a.hflip)]
+                              interpolation=INTERP[a.interpolation]),
+          T.RandomHorizontalFlip(a.hflip)]
     if a.randaugment_ops:
-        tf.append(T.RandAugment(a.randaugment_ops, ra_magnitude_bin(a.randaugment_magnitude), RA_BINS,
-                                INTERP[a.randaugment_interpolation]))
+        tf.append(T.RandAugment(a.randaugment_ops, ra_magnitude_bin(a.randaugment_magnitude),
+                                RA_BINS, INTERP[a.randaugment_interpolation]))
     tf += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     w = cfg.data.workers
     data = ImageFolder(folder, T.Compose(tf))
@@ -347,7 +348,8 @@ def model(args: Namespace) -> Tuple[List[Dict], Dict]:
                 t = make_trainer(cfg, device, synthetic(cfg, device), tmp, args.compile_backend)
                 per_img = _flops_per_image(t.model, args.img_size, flops)
                 work.setdefault("forward_flops_per_image", round(per_img / 3))
-                work.setdefault("conv_output_values_per_image", conv_outputs(t.model, args.img_size))
+                work.setdefault("conv_output_values_per_image",
+                                conv_outputs(t.model, args.img_size))
                 run = trainer_runner(t, device)
                 warm = seconds(partial(run, args.warmup), device)
                 s = median([run(args.steps) for _ in range(args.rounds)])

@@ -26,7 +26,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="cspx checkpoint or a (timm) state_dict")
     p.add_argument("--data-dir", required=True, help="ImageNet-layout validation folder, or a "
                    "sharded dataset (found by its shards.json)")
-    p.add_argument("--model", help="architecture (default: from a cspx checkpoint, else cspresnext50)")
+    p.add_argument("--model",
+                   help="architecture (default: from a cspx checkpoint, else cspresnext50)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.add_argument("--img-size", type=int, help="centre-crop side, px (default: the model's)")
     p.add_argument("--crop-pct", type=float, help="resize the shorter side to floor(img-size / "

@@ -110,7 +110,8 @@ def _deep(args: Tuple[str, str]) -> Tuple[str, Dict[str, object]]:
 
 def scan_files(root: str, files: Sequence[str], deep: bool = False, workers: int = 8,
                progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
-    """Check every file under `root`. Returns {rel: reason} (quick) or {rel: deep_check info} (deep).
+    """Check every file under `root`. Returns {rel: reason} (quick) or {rel: deep_check info}
+    (deep).
 
     Quick checks are I/O bound and use threads; deep checks decode and use processes.
     `progress(n)` is called with the number of files finished since the last call.

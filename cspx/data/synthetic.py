@@ -42,7 +42,8 @@ def _polygon(cx: float, cy: float, r: float, n: int, rot: float, star: bool = Fa
     return pts
 
 
-def _draw(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, fill) -> None:
+def _draw(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float,
+          fill) -> None:
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "ring":
@@ -62,18 +63,20 @@ def _draw(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, ro
         d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     elif shape == "bar":
-        d.polygon([(cx - r, cy - r / 4), (cx + r, cy - r / 4), (cx + r, cy + r / 4), (cx - r, cy + r / 4)],
-                  fill=fill)
+        d.polygon([(cx - r, cy - r / 4), (cx + r, cy - r / 4), (cx + r, cy + r / 4),
+                   (cx - r, cy + r / 4)], fill=fill)
     elif shape == "chevron":
         d.line([(cx - r, cy - r / 2), (cx, cy + r / 2), (cx + r, cy - r / 2)], fill=fill,
                width=max(2, int(r / 3)))
     elif shape == "dots":
         for dx in (-r / 2, r / 2):
             for dy in (-r / 2, r / 2):
-                d.ellipse([cx + dx - r / 4, cy + dy - r / 4, cx + dx + r / 4, cy + dy + r / 4], fill=fill)
+                d.ellipse([cx + dx - r / 4, cy + dy - r / 4, cx + dx + r / 4, cy + dy + r / 4],
+                          fill=fill)
     elif shape == "stripes":
         for k in range(-2, 3):
-            d.line([(cx - r, cy + k * r / 2.5), (cx + r, cy + k * r / 2.5)], fill=fill, width=max(2, int(r / 6)))
+            d.line([(cx - r, cy + k * r / 2.5), (cx + r, cy + k * r / 2.5)], fill=fill,
+                   width=max(2, int(r / 6)))
     elif shape == "pentagon":
         d.polygon(_polygon(cx, cy, r, 5, rot), fill=fill)
     elif shape == "octagon":
@@ -167,7 +170,8 @@ def _remove_stale_builds(root: str) -> None:
         if not e.name.startswith(name + TMP_INFIX) or not e.is_dir(follow_symlinks=False):
             continue
         pid = e.name[len(name + TMP_INFIX):]
-        if pid.isdigit() and not pid_alive(int(pid)) and os.path.isfile(os.path.join(e.path, PARTIAL)):
+        if (pid.isdigit() and not pid_alive(int(pid))
+                and os.path.isfile(os.path.join(e.path, PARTIAL))):
             shutil.rmtree(e.path, ignore_errors=True)
 
 
@@ -182,6 +186,7 @@ def _write_set(folder: str, num_classes: int, train_per_class: int, val_per_clas
             os.makedirs(sub)
             for i in range(per_class):
                 img = make_image(k, num_classes, rng, first_shape, colour_by_class)
-                img.save(os.path.join(sub, f"{name}_{i:05d}.JPEG"), quality=int(rng.integers(75, 95)))
+                img.save(os.path.join(sub, f"{name}_{i:05d}.JPEG"),
+                         quality=int(rng.integers(75, 95)))
     with open(os.path.join(folder, "synsets.txt"), "w") as f:
         f.writelines(f"{n} synthetic {n.split('_', 1)[1]}\n" for n in names)

@@ -102,7 +102,8 @@ def _worker_init(_: int) -> None:
 
 def _collate(batch):
     xs, ys, extra = zip(*batch)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), torch.tensor(extra, dtype=torch.int64)
+    return (torch.stack(xs), torch.tensor(ys, dtype=torch.int64),
+            torch.tensor(extra, dtype=torch.int64))
 
 
 def _loader(dataset, workers: int, pin: bool, **kw) -> DataLoader:

@@ -91,7 +91,8 @@ def eval_resize_size(img_size: int, crop_pct: float) -> int:
 
 
 def eval_transform(img_size: int, crop_pct: float, interpolation: str) -> T.Compose:
-    return T.Compose([T.Resize(eval_resize_size(img_size, crop_pct), interpolation=INTERP[interpolation]),
+    return T.Compose([T.Resize(eval_resize_size(img_size, crop_pct),
+                               interpolation=INTERP[interpolation]),
                       T.CenterCrop(img_size), to_uint8_chw])
 
 
