@@ -60,7 +60,8 @@ def images(sample_dir):
     out = []
     for rel in index.files[:16]:
         with Image.open(os.path.join(index.root, rel)) as im:
-            out.append(np.asarray(im.convert("RGB").resize((80, 64), Image.BILINEAR)).copy())
+            small = im.convert("RGB").resize((80, 64), Image.Resampling.BILINEAR)
+            out.append(np.asarray(small).copy())
     return out
 
 

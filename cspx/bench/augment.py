@@ -40,7 +40,7 @@ def _images(args: Namespace, count: int) -> List[np.ndarray]:
     out = []
     for rel in index.files[:count]:
         with Image.open(os.path.join(index.root, rel)) as im:
-            im = im.convert("RGB").resize((args.img_size, args.img_size), Image.BILINEAR)
+            im = im.convert("RGB").resize((args.img_size, args.img_size), Image.Resampling.BILINEAR)
             out.append(np.asarray(im).copy())
     if len(out) < count:
         out = (out * (count // len(out) + 1))[:count]
@@ -51,9 +51,10 @@ def _dali_runner(images, op, m: int, interp, size: int, base=None):
     """Seconds per image of `op` on one DALI CPU thread, minus the same pipeline without it.
     `op` is an auto_aug augmentation, a list of them (RandAugment with n=2 over that suite), or
     a plain function of a DALI node; `base(node)`, when given, runs in both pipelines first."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
     from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.auto_aug.core import _Augmentation, signed_bin
+    from nvidia.dali.types import DALIDataType
 
     @pipeline_def(enable_conditionals=True)
     def pipe(apply):
@@ -69,7 +70,7 @@ def _dali_runner(images, op, m: int, interp, size: int, base=None):
             return op(x)
         # a random sign per image, as RandAugment draws it; each op takes the kwargs it names
         return op(x, magnitude_bin=signed_bin(m, random_sign=fn.random.coin_flip(
-            dtype=types.INT32)), **kw)
+            dtype=DALIDataType.INT32)), **kw)
 
     pipes = []
     for apply in (False, True):
@@ -93,12 +94,13 @@ def _dali_runner(images, op, m: int, interp, size: int, base=None):
 def _dali_extras():
     """Rows behind figures the docs quote: DALI's own contrast and solarize (which cspx's suite
     rebuilds) and the float -> uint8 cast alone. (row name, DALI op, base, torchvision op)."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
     from nvidia.dali.auto_aug import augmentations as aa
+    from nvidia.dali.types import DALIDataType
     return [("contrast (DALI's own op)", aa.contrast, None, "Contrast"),
             ("solarize (DALI's own op)", aa.solarize, None, "Solarize"),
-            ("float -> uint8 cast", lambda x: fn.cast(x, dtype=types.UINT8),
-             lambda x: fn.cast(x, dtype=types.FLOAT), None)]
+            ("float -> uint8 cast", lambda x: fn.cast(x, dtype=DALIDataType.UINT8),
+             lambda x: fn.cast(x, dtype=DALIDataType.FLOAT), None)]
 
 
 def _torch_runner(pil_images, name: str, m: int, interp, size: int):

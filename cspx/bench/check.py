@@ -139,7 +139,8 @@ def check_dali(device_name: str) -> str:
     if not ok:
         raise SystemExit(f"DALI unavailable: {why}")
     import nvidia.dali as dali
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali.types import DALIImageType
     buf = io.BytesIO()
     Image.new("RGB", (500, 375), (200, 120, 40)).save(buf, format="JPEG", quality=90)
     data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
@@ -148,7 +149,8 @@ def check_dali(device_name: str) -> str:
     @pipeline_def(batch_size=1, num_threads=1, device_id=(device.index or 0) if gpu else None)
     def pipe():
         jpegs = fn.external_source(source=lambda: [data], batch=True)
-        return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
+                                 output_type=DALIImageType.RGB)
 
     p = pipe()
     p.build()

@@ -150,7 +150,7 @@ def _make_one(args) -> None:
     rng = np.random.default_rng(seed)
     w, h = (500, 375) if rng.random() < 0.7 else (375, 500)
     low = rng.integers(0, 256, size=(h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)
-    img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+    img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, size=(h, w, 3))
     tmp = f"{path}.tmp{os.getpid()}"
     Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(tmp, format="JPEG", quality=quality)

@@ -70,8 +70,9 @@ def _collect(batches, n: int) -> torch.Tensor:
 def _naive(index, img_size: int, crop_pct: float, interpolation: str, batch: int, workers: int,
            lists: str):
     """The obvious DALI eval pipeline: DALI's resize_shorter and crop_pos 0.5 (docs/dali.md)."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    from nvidia.dali.types import DALIDataType, DALIImageType
 
     from cspx.data.dali_loader import _file_list
     from cspx.data.dali_pipelines import INTERP, MEAN_255, STD_255
@@ -81,12 +82,12 @@ def _naive(index, img_size: int, crop_pct: float, interpolation: str, batch: int
         jpegs, positions = fn.readers.file(file_root=index.root, name="Reader",
                                            file_list=_file_list(lists, "val", index, True),
                                            random_shuffle=False, pad_last_batch=True)
-        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device="cpu", output_type=DALIImageType.RGB)
         images = fn.resize(images, resize_shorter=eval_resize_size(img_size, crop_pct),
                            interp_type=INTERP[interpolation], antialias=True)
         images = fn.crop_mirror_normalize(images, crop=(img_size, img_size), crop_pos_x=0.5,
                                           crop_pos_y=0.5, mean=MEAN_255, std=STD_255,
-                                          dtype=types.FLOAT, output_layout="CHW")
+                                          dtype=DALIDataType.FLOAT, output_layout="CHW")
         return images, positions
 
     it = DALIGenericIterator([pipe(batch_size=batch, num_threads=workers, device_id=None,

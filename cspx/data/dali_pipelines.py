@@ -35,12 +35,13 @@ from typing import Any, Dict, Sequence
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali.types import DALIDataType, DALIImageType, DALIInterpType
 
 from cspx.data.dali_policies import apply_policy
 from cspx.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ra_magnitude_bin
 
-INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
-          "nearest": types.INTERP_NN}
+INTERP = {"bilinear": DALIInterpType.INTERP_LINEAR, "bicubic": DALIInterpType.INTERP_CUBIC,
+          "nearest": DALIInterpType.INTERP_NN}
 # nvJPEG buffers preallocated per decoder thread, in bytes, sized for ImageNet JPEGs (median
 # about 110 KB, 400 x 350 px): DALI preallocates two pinned host buffers of HOST_MEMORY_PADDING
 # and one device buffer of DEVICE_MEMORY_PADDING per thread. 8 MiB of pinned memory holds the
@@ -58,7 +59,7 @@ STD_255 = [255.0 * s for s in IMAGENET_STD]
 
 
 def out_dtype(dtype_name: str):
-    return {"float32": types.FLOAT, "float16": types.FLOAT16}[dtype_name]
+    return {"float32": DALIDataType.FLOAT, "float16": DALIDataType.FLOAT16}[dtype_name]
 
 
 def _read(reader: Dict[str, Any], train: bool):
@@ -66,7 +67,7 @@ def _read(reader: Dict[str, Any], train: bool):
     callable (dali_sources)}, or fn.readers.file's settings for a folder's file list."""
     if "source" in reader:
         return fn.external_source(source=reader["source"], batch=True, batch_info=True,
-                                  num_outputs=2, dtype=[types.UINT8, types.INT32])
+                                  num_outputs=2, dtype=[DALIDataType.UINT8, DALIDataType.INT32])
     return _file_reader(**reader, train=train)
 
 
@@ -100,7 +101,7 @@ def train_pipeline(reader: Dict[str, Any], mixed: bool, hw_decoder_load: float, 
                    channels_last: bool, policy: str = "randaugment"):
     jpegs, labels = _read(reader, train=True)
     # adjust_orientation=False: PIL (the torch path, timm) ignores EXIF orientation too
-    dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False,
+    dec = dict(device="cpu", output_type=DALIImageType.RGB, adjust_orientation=False,
                random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
     if mixed:
         dec.update(device="mixed", hw_decoder_load=hw_decoder_load,
@@ -112,7 +113,7 @@ def train_pipeline(reader: Dict[str, Any], mixed: bool, hw_decoder_load: float, 
                        antialias=True)
     if rotate > 0:  # the torch path rotates bilinearly, filling with black, keeping the size
         images = fn.rotate(images, angle=fn.random.uniform(range=[-rotate, rotate]),
-                           keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+                           keep_size=True, fill_value=0, interp_type=DALIInterpType.INTERP_LINEAR)
     if hue > 0 or saturation != 1.0 or exposure != 1.0:
         jitter = {}
         if hue > 0:  # darknet's hue is a fraction of the colour circle; fn.hsv takes degrees
@@ -138,13 +139,13 @@ def eval_pipeline(reader: Dict[str, Any], mixed: bool, img_size: int, resize_siz
     """Resize the shorter side to `resize_size`, centre-crop img_size, normalize to float32.
     The reader's second output is each image's position in the split (see DaliEvalLoader)."""
     jpegs, positions = _read(reader, train=False)
-    dec = dict(device="cpu", output_type=types.RGB, adjust_orientation=False)
+    dec = dict(device="cpu", output_type=DALIImageType.RGB, adjust_orientation=False)
     if mixed:  # PIL (libjpeg) upsamples chroma with the "fancy" filter; nvJPEG does not by default
         dec.update(device="mixed", jpeg_fancy_upsampling=True, device_memory_padding=0,
                    host_memory_padding=0)
         positions = positions.gpu()  # labels are gathered on the device (DaliEvalLoader)
     images = fn.decoders.image(jpegs, **dec)
-    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=False)  # HWC
+    shape = fn.peek_image_shape(jpegs, dtype=DALIDataType.FLOAT, adjust_orientation=False)  # HWC
     out_h, out_w = torchvision_resize_shorter(shape[0], shape[1], resize_size)
     images = fn.resize(images, resize_y=out_h, resize_x=out_w, interp_type=INTERP[interpolation],
                        antialias=True, subpixel_scale=False)
@@ -152,7 +153,7 @@ def eval_pipeline(reader: Dict[str, Any], mixed: bool, img_size: int, resize_siz
     images = fn.slice(images, anchor, types.Constant(np.array([img_size, img_size], np.float32)),
                       axis_names="HW", normalized_anchor=False, normalized_shape=False,
                       out_of_bounds_policy="pad")  # pad with 0 as torchvision's CenterCrop
-    images = fn.crop_mirror_normalize(images, mean=MEAN_255, std=STD_255, dtype=types.FLOAT,
+    images = fn.crop_mirror_normalize(images, mean=MEAN_255, std=STD_255, dtype=DALIDataType.FLOAT,
                                       output_layout="HWC" if channels_last else "CHW")
     return images, positions
 

@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 from nvidia.dali import fn, types
+from nvidia.dali.types import DALIDataType
 
 from cspx.data.transforms import RA_BINS
 
@@ -111,12 +112,13 @@ def rand_augment_suite(magnitude_bin: int, on_gpu: bool):
     from nvidia.dali.auto_aug.core import augmentation
 
     # DALI's solarize: pixels below the bin's threshold stay, the rest become 255 - v
-    threshold = float(np.linspace(*aa.solarize.mag_range, RA_BINS)[magnitude_bin])
+    lo, hi = aa.solarize.mag_range
+    threshold = float(np.linspace(lo, hi, RA_BINS)[magnitude_bin])
     table = [v if v < threshold else 255 - v for v in range(256)]
 
     @augmentation
     def solarize(data, _):
-        return fn.lookup_table(data, keys=list(range(256)), values=table, dtype=types.UINT8)
+        return fn.lookup_table(data, keys=list(range(256)), values=table, dtype=DALIDataType.UINT8)
 
     own = _rebuilt(0.9, on_gpu)
     if on_gpu:
