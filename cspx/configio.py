@@ -14,13 +14,15 @@ import hashlib
 import json
 import math
 import typing
-from typing import Any, Dict, List, Sequence, Tuple, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
 from cspx.errors import CspxError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+T = TypeVar("T", bound="DataclassInstance")  # a config dataclass
 
 
 class ConfigValueError(ValueError):

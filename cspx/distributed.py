@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,7 @@ def init(device_pref: str = "auto", timeout_min: float = 30.0) -> DistEnv:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kw = {"device_id": device} if device.type == "cuda" else {}
+        kw: Dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         timeout = datetime.timedelta(minutes=timeout_min)
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         store.set_timeout(timeout)
@@ -173,8 +173,8 @@ class StopVote:
 
     def __init__(self, env: DistEnv):
         self.env = env
-        self._work = None
-        self._buf: Optional[torch.Tensor] = None
+        self._work: Optional[dist.Work] = None  # the all-reduce in flight
+        self._buf = torch.zeros(1, dtype=torch.int32)  # the flag being reduced, in place
 
     def poll(self, local: bool) -> bool:
         if not self.env.distributed:

@@ -3,7 +3,7 @@ after every optimizer step."""
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +20,9 @@ class ModelEma:
         self.decay = decay
         self.module = copy.deepcopy(model).eval()
         self.module.requires_grad_(False)
-        self._pairs = None
+        # (EMA floats, model floats, (EMA int, model int) pairs), found at the first update
+        self._pairs: Optional[Tuple[List[torch.Tensor], List[torch.Tensor],
+                                    List[Tuple[torch.Tensor, torch.Tensor]]]] = None
 
     def _tensors(self, model: nn.Module):
         if self._pairs is None:

@@ -17,7 +17,8 @@ GROUPS = ("decay", "no_decay", "head_decay", "head_no_decay")  # names, in optim
 
 def classifier(model: nn.Module) -> nn.Module:
     """The module whose parameters are "the head": timm's `get_classifier()` (CspNet: head.fc)."""
-    return model.get_classifier()
+    # nn.Module.__getattr__ is typed Tensor | Module: any model with timm's method is taken
+    return model.get_classifier()  # type: ignore[operator]
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict]:

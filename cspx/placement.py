@@ -30,11 +30,14 @@ def place_model(model: nn.Module, *, device: torch.device, channels_last: bool =
     Returns the module to call: `model` itself when neither wrap nor compile applies. `model`
     stays the plain module (its state_dict keys carry no wrapper prefix): keep it for
     checkpoints, EMA and evaluation. Training or eval mode is the caller's."""
-    model.to(device, memory_format=memory_format(channels_last))
+    # Module.to takes memory_format beside a device; its typed overloads take it alone
+    model.to(device, memory_format=memory_format(channels_last))  # type: ignore[call-overload]
     forward: nn.Module = model
     if wrap is not None:
         forward = wrap(forward)
     if compile:
-        forward = (torch.compile(forward, mode=compile_mode) if compile_backend == "inductor"
+        # torch.compile of a Module returns an OptimizedModule (a Module); it is typed Callable
+        forward = (torch.compile(forward, mode=compile_mode)  # type: ignore[assignment]
+                   if compile_backend == "inductor"
                    else torch.compile(forward, backend=compile_backend))
     return forward

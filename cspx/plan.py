@@ -2,6 +2,8 @@
 without training."""
 from __future__ import annotations
 
+from typing import Dict, List
+
 from torch import nn
 
 from cspx.config import Config
@@ -37,7 +39,7 @@ def lr_points(cfg: Config):
         pts.append(("backbone unfrozen", t.freeze_backbone_steps))
     pts += [(f"{q}%", min(t.steps * q // 100, t.steps - 1) if q == 100 else t.steps * q // 100)
             for q in (25, 50, 75, 100)]
-    labels = {}
+    labels: Dict[int, List[str]] = {}
     for name, step in pts:
         labels.setdefault(step, []).append(name)
     return [(", ".join(names), step, lr_for(cfg, step)) for step, names in sorted(labels.items())]

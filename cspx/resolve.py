@@ -61,10 +61,12 @@ def resolve(cfg: Config, env: DistEnv, data: Optional[Tuple[DataSplit, DataSplit
             raise CspxError(f"model.num_classes: {classes} is less than the dataset's "
                             f"{train.num_classes} classes")
         fmt = train.format
-    elif cfg.model.num_classes or num_classes:
-        classes, fmt = cfg.model.num_classes or num_classes, cfg.data.format
     else:
-        raise ValueError("resolve: without data, model.num_classes or num_classes must be given")
+        given = cfg.model.num_classes or num_classes
+        if not given:
+            raise ValueError("resolve: without data, model.num_classes or num_classes must be "
+                             "given")
+        classes, fmt = given, cfg.data.format
     e = cfg.eval
     protocol = eval_protocol(cfg.model.name, img_size=e.img_size, crop_pct=e.crop_pct,
                              interpolation=e.interpolation)

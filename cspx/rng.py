@@ -29,7 +29,8 @@ class RngState:
         self.device = device
 
     def state_dict(self) -> Dict[str, Any]:
-        np_state = np.random.get_state()
+        np_state = np.random.get_state(legacy=True)
+        assert isinstance(np_state, tuple)  # a dict only for a generator other than MT19937
         state = {"python": random.getstate(), "torch": torch.get_rng_state(),
                  "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                            *np_state[2:]]}

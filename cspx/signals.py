@@ -11,15 +11,18 @@ import os
 import signal
 import sys
 import threading
-from typing import Dict, Optional
+from types import FrameType
+from typing import Any, Callable, Dict, Optional, Union
 
 CATCH = ("SIGTERM", "SIGINT", "SIGUSR1")
+# what signal.signal takes and returns: a function, SIG_DFL / SIG_IGN, or None (set outside Python)
+Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
 
 class Preemption:
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
-        self._old: Dict[int, object] = {}
+        self._old: Dict[int, Handler] = {}
 
     @property
     def requested(self) -> bool:

@@ -177,7 +177,8 @@ def stop() -> None:
 # ----- what the stuck main thread waits for ---------------------------------------------------
 def _waiting_for(world: int) -> str:
     """The main thread's wait, named from its stack (innermost frames decide)."""
-    frame = sys._current_frames().get(threading.main_thread().ident)
+    ident = threading.main_thread().ident  # None only before a thread starts
+    frame = sys._current_frames().get(ident) if ident is not None else None
     frames = []
     while frame is not None:
         frames.append(frame)
@@ -231,6 +232,8 @@ def _say(line: str, stacks: str = "") -> None:
     for h in files:
         try:
             h.acquire()
+            if h.stream is None:  # closed, or opened lazily (delay=True) and never written
+                continue
             h.stream.write(f"{stamp} ERROR {line}\n{stacks}")
             h.stream.flush()
         except (OSError, ValueError):

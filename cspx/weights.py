@@ -176,8 +176,9 @@ def load_weights(path: str, prefer_ema: bool = False) -> Tuple[Dict[str, torch.T
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain module under torch.compile (`_orig_mod`) and DDP/DataParallel (`module`)."""
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module):
+            model = orig
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:

@@ -277,6 +277,7 @@ class SplitJob:
                 if reason is not None:
                     bad[rel] = reason
                     continue
+                assert data is not None  # _load gives the bytes or a reason
                 if cut and w is not None and w.bytes + member_bytes(len(data), rel) > self.limit:
                     recs.append(self._finish(w, range_start, i, bad))
                     w, bad, range_start, k = None, {}, i, k + 1

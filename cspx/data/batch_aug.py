@@ -62,7 +62,9 @@ class BatchAugment:
     # ----- checkpoint (per rank) ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Plain tensors and numbers (torch.load(weights_only=True) reads them back)."""
-        name, keys, pos, has_gauss, cached = self.rng.get_state()
+        state = self.rng.get_state(legacy=True)
+        assert isinstance(state, tuple)  # MT19937's: a dict only for other bit generators
+        name, keys, pos, has_gauss, cached = state
         return {"numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
                           int(has_gauss), float(cached)],
                 "device": self.generator.get_state()}

@@ -55,7 +55,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, NoReturn, Optional, Tuple
 
 import torch
 
@@ -69,8 +69,13 @@ from cspx.data.loader import (
     contiguous_share,
     listing_hash,
 )
+from cspx.data.shard_reader import ShardSplit
 from cspx.data.transforms import eval_resize_size, sample_seed
 from cspx.errors import CspxError
+
+if TYPE_CHECKING:  # DALI is optional at run time: imported where a loader is built
+    from nvidia.dali.pipeline import Pipeline
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 log = logging.getLogger("cspx")
 DTYPES = {torch.float32: "float32", torch.float16: "float16"}
@@ -94,7 +99,8 @@ def dali_available(device: Optional[torch.device] = None) -> Tuple[bool, str]:
         return False, "CUDA is not available to torch"
     try:
         from nvidia.dali import backend
-        if backend.GetCUDADeviceCount() < 1:
+        # in DALI's compiled backend; its backend.pyi leaves it out
+        if backend.GetCUDADeviceCount() < 1:  # type: ignore[attr-defined]
             return False, "DALI sees no CUDA device"
     except Exception as e:
         return False, f"DALI cannot use CUDA ({type(e).__name__}: {e})"
@@ -133,7 +139,7 @@ def _folder_reader(split: DataSplit, directory: Optional[str], name: str, rank: 
                 shuffle_seed=shuffle_seed)
 
 
-def _reraise(e: RuntimeError, source=None):
+def _reraise(e: RuntimeError, source=None) -> NoReturn:
     """Raise a decoder failure as a CspxError that says what to do; other errors unchanged.
     `source`: the shard source that fed the graph, which finds the image (DALI cannot name it)."""
     msg = str(e)
@@ -152,7 +158,7 @@ def _reraise(e: RuntimeError, source=None):
                     f"use data.loader=torch, which replaces undecodable files") from e
 
 
-def _iterator(pipe, names, source, policy):
+def _iterator(pipe: Pipeline, names, source, policy) -> DALIGenericIterator:
     """DALI's torch iterator: over a file reader's epochs (`policy` for its last batch), or over
     an external source, which decides alone where a pass ends (StopIteration) or never ends."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -183,7 +189,7 @@ class DaliTrainLoader(CountedPosition):
         self.copy_out = self.device_id is not None if copy_out is None else copy_out
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.workers, self.channels_last = max(1, workers), channels_last
-        if split.format == "shards":  # cspx's global permutation (dali_sources module doc)
+        if isinstance(split, ShardSplit):  # cspx's global permutation (dali_sources module doc)
             sampler = EpochBatchSampler(n=len(split), micro_batch=micro_batch, rank=rank,
                                         world=world, seed=seed)
             self.batches_per_epoch = sampler.batches_per_epoch
@@ -222,7 +228,8 @@ class DaliTrainLoader(CountedPosition):
         self.consumed = 0          # micro-batches handed to the training loop
         self.bad_files = 0         # always 0: DALI replaces nothing at run time (module doc)
         self._checkpoint: Optional[bytes] = None
-        self._pipe = self._it = None
+        self._pipe: Optional[Pipeline] = None
+        self._it: Optional[DALIGenericIterator] = None
 
     def state_dict(self) -> dict:
         """Plain types only. The DALI checkpoint (serialized protobuf bytes) is kept as base64
@@ -248,7 +255,7 @@ class DaliTrainLoader(CountedPosition):
         super()._load_position(state)
         self._checkpoint = base64.b64decode(state["checkpoint"]) or None
 
-    def _build(self):
+    def _build(self) -> DALIGenericIterator:
         from nvidia.dali.plugin.pytorch import LastBatchPolicy
 
         from cspx.data.dali_pipelines import train_pipeline
@@ -257,22 +264,22 @@ class DaliTrainLoader(CountedPosition):
                                         num_threads=self.workers, device_id=self.device_id,
                                         seed=self.aug_seed, enable_checkpointing=True,
                                         checkpoint=self._checkpoint)
-            self._it = _iterator(self._pipe, ["images", "labels"], self.source,
-                                 LastBatchPolicy.DROP)
+            self._it = it = _iterator(self._pipe, ["images", "labels"], self.source,
+                                      LastBatchPolicy.DROP)
         except RuntimeError as e:
             _reraise(e, self.source)
+        return it
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._it is None:
-            self._build()
+        it = self._it if self._it is not None else self._build()
         try:
             try:
-                out = next(self._it)[0]
+                out = next(it)[0]
             except StopIteration:  # end of a file reader's epoch (auto_reset has reset it)
-                out = next(self._it)[0]
+                out = next(it)[0]
         except RuntimeError as e:
             _reraise(e, self.source)
         self.consumed += 1
@@ -310,7 +317,7 @@ class DaliEvalLoader:
         self.channels_last = channels_last
         share = contiguous_share(len(split), rank, world)
         self._num = len(share)
-        if split.format == "shards":
+        if isinstance(split, ShardSplit):
             self.source: Optional[ShardEvalSource] = ShardEvalSource(split, share.start,
                                                                      share.stop, batch_size)
             self.reader: Dict[str, Any] = {"source": self.source}
@@ -324,7 +331,8 @@ class DaliEvalLoader:
             channels_last=channels_last)
         # the reader's label is the position in the split: class labels come from this table
         self.labels = torch.from_numpy(split.labels).to(device)
-        self._pipe = self._it = None
+        self._pipe: Optional[Pipeline] = None
+        self._it: Optional[DALIGenericIterator] = None
         self._clean = True  # False while a pass is under way or was abandoned midway
 
     def __len__(self) -> int:
@@ -334,26 +342,28 @@ class DaliEvalLoader:
     def num_samples(self) -> int:
         return self._num
 
-    def _build(self):
+    def _build(self) -> DALIGenericIterator:
         from nvidia.dali.plugin.pytorch import LastBatchPolicy
 
         from cspx.data.dali_pipelines import eval_pipeline
         self.close()
         self._pipe = eval_pipeline(self.reader, **self.params, batch_size=self.batch_size,
                                    num_threads=self.workers, device_id=self.device_id, seed=0)
-        self._it = _iterator(self._pipe, ["images", "positions"], self.source,
-                             LastBatchPolicy.PARTIAL)
+        self._it = it = _iterator(self._pipe, ["images", "positions"], self.source,
+                                  LastBatchPolicy.PARTIAL)
+        return it
 
     def __iter__(self):
-        if self._it is None or not self._clean:  # an abandoned pass: start over from a new one
+        it = self._it
+        if it is None or not self._clean:  # an abandoned pass: start over from a new one
             try:
-                self._build()
+                it = self._build()
             except RuntimeError as e:
                 _reraise(e, self.source)
         self._clean = False
         while True:
             try:
-                out = next(self._it)[0]
+                out = next(it)[0]
             except StopIteration:  # the pass is complete; auto_reset readied the next one
                 break
             except RuntimeError as e:

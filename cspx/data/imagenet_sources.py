@@ -44,9 +44,9 @@ def wnid_dirs(folder: str) -> List[str]:
         return sorted(e.name for e in it if e.is_dir() and WNID.match(e.name))
 
 
-def open_tar(path: str, what: str, mode: str = "r:*") -> tarfile.TarFile:
+def open_tar(path: str, what: str) -> tarfile.TarFile:
     try:
-        return tarfile.open(path, mode)
+        return tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as e:
         raise CspxError(f"{path}: cannot read {what} as a tar ({e})") from None
 
@@ -60,18 +60,22 @@ def name_lines(path: str) -> Dict[str, str]:
 def read_synset_map(path: str) -> Tuple[Dict[int, str], Dict[str, str]]:
     """'ID wnid [name]' lines, or 'wnid [name]' lines in ILSVRC class-ID order."""
     with open(path, "r", encoding="utf-8") as f:
-        rows = [ln.split(None, 2) if ln.split()[0].isdigit() else [None] + ln.split(None, 1)
-                for ln in f if ln.strip()]
-    id2wnid, names = {}, {}
-    for k, row in enumerate(rows, 1):
-        wnid = row[1] if len(row) > 1 else ""
+        lines = [ln for ln in f if ln.strip()]
+    id2wnid: Dict[int, str] = {}
+    names: Dict[str, str] = {}
+    for k, ln in enumerate(lines, 1):
+        numbered = ln.split()[0].isdigit()
+        parts = ln.split(None, 2) if numbered else ln.split(None, 1)
+        wnid_name = parts[1:] if numbered else parts  # [wnid, name] or [wnid] (or [])
+        wnid = wnid_name[0] if wnid_name else ""
         if not WNID.match(wnid):
             raise CspxError(f"{path}: line {k}: expected a wnid like n01440764, found {wnid!r}")
-        id2wnid[k if row[0] is None else int(row[0])] = wnid
-        if len(row) > 2:
-            names[wnid] = row[2].strip()
+        id2wnid[int(parts[0]) if numbered else k] = wnid
+        if len(wnid_name) > 1:
+            names[wnid] = wnid_name[1].strip()
     order = [w for _, w in sorted(id2wnid.items())]
-    if rows and rows[0][0] is None and len(order) == NUM_CLASSES and order == sorted(order):
+    unnumbered = bool(lines) and not lines[0].split()[0].isdigit()
+    if unnumbered and len(order) == NUM_CLASSES and order == sorted(order):
         # The real class-ID order is not alphabetical (ID 1 is n02119789); a sorted list such as
         # LOC_synset_mapping.txt would silently give most val images the wrong label.
         raise CspxError(f"{path}: wnids are in sorted order, not ILSVRC class-ID order; give "

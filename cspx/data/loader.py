@@ -95,7 +95,8 @@ class EvalLoader(Protocol):
     """One pass over this rank's share of the evaluation set per iteration; every image of the
     set is in exactly one rank's share. Labels are -1 where an image failed to decode."""
 
-    num_samples: int          # images in this rank's share
+    @property
+    def num_samples(self) -> int: ...  # images in this rank's share
 
     def __iter__(self) -> Iterator[EvalBatch]: ...
 

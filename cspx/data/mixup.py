@@ -27,7 +27,7 @@ per rank (cspx.data.batch_aug).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class MixParams:
     elem mode: `lam` float32 (n,) (corrected for CutMix images), `cut` bool (n,), `boxes` int
     (n, 4) (zeros where no box)."""
 
-    lam: object
+    lam: Union[float, np.ndarray]
     box: Optional[Box] = None
     cut: Optional[np.ndarray] = None
     boxes: Optional[np.ndarray] = None
@@ -148,6 +148,7 @@ class Mixup:
               p: MixParams) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "batch":
             lam = p.lam
+            assert isinstance(lam, float)  # one lambda for the batch (draw)
             if lam == 1.:
                 return x, self.targets(labels, lam)
             if p.box is not None:
@@ -161,6 +162,7 @@ class Mixup:
 
     def _apply_elem(self, x, labels, p: MixParams):
         n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        assert p.cut is not None and p.boxes is not None  # elem mode's draws (draw)
         # per image: target lambda, blend weight (1 for CutMix and unmixed images: x * 1 +
         # x' * 0 is x itself), box (empty where none was drawn)
         host = np.empty((n, 6), dtype=np.float32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from cspx.errors import CspxError
 from cspx.files import atomic_write
@@ -109,7 +109,7 @@ def _deep(args: Tuple[str, str]) -> Tuple[str, Dict[str, object]]:
 
 
 def scan_files(root: str, files: Sequence[str], deep: bool = False, workers: int = 8,
-               progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
+               progress: Optional[Callable[[int], object]] = None) -> Dict[str, Any]:
     """Check every file under `root`. Returns {rel: reason} (quick) or {rel: deep_check info}
     (deep).
 
@@ -117,7 +117,7 @@ def scan_files(root: str, files: Sequence[str], deep: bool = False, workers: int
     `progress(n)` is called with the number of files finished since the last call.
     """
     jobs = [(root, rel) for rel in files]
-    out: Dict[str, object] = {}
+    out: Dict[str, Any] = {}
     pool_cls = ProcessPoolExecutor if deep else ThreadPoolExecutor
     fn = _deep if deep else _quick
     workers = max(1, workers)

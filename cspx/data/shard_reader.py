@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class ShardSplit:
     """One split ('train', 'val') of the sharded dataset at `root`: a `loader.DataSplit`, as a
     folder's `index.FolderSplit` is, so every loader reads either."""
 
-    format = "shards"
+    format: ClassVar[str] = "shards"
 
     def __init__(self, root: str, split: str, bad_shards: str = "refuse",
                  manifest: Optional[Manifest] = None, warn: bool = True):

@@ -5,6 +5,7 @@ shard_reader.py.
 """
 from __future__ import annotations
 
+import builtins  # `bytes` in ShardWriter is its property: the type is builtins.bytes
 import hashlib
 import io
 import os
@@ -70,7 +71,10 @@ class ShardWriter:
         self.tmp = temp_path(self.tar_path)
         self._file = open(self.tmp, "wb")
         self._out = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.GNU_FORMAT)
+        # tarfile writes through write() and tell() alone; typeshed's protocol for fileobj also
+        # asks for read, seek and close, which a write-only hashing wrapper does not have
+        self._tar = tarfile.open(fileobj=self._out, mode="w",  # type: ignore[call-overload]
+                                 format=tarfile.GNU_FORMAT)
         self.rows: List[tuple] = []
         self.first: Optional[int] = None
         self._index: List[str] = []
@@ -80,13 +84,13 @@ class ShardWriter:
     def bytes(self) -> int:
         return self._out.n
 
-    def _add(self, name: str, data: bytes) -> Tuple[int, int]:
+    def _add(self, name: str, data: builtins.bytes) -> Tuple[int, int]:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         self._tar.addfile(info, io.BytesIO(data))
         return self._tar.offset - _padded(len(data)), len(data)  # where the data starts
 
-    def add(self, position: int, label: int, path: str, data: bytes) -> None:
+    def add(self, position: int, label: int, path: str, data: builtins.bytes) -> None:
         if self.first is None:
             self.first = position
         elif position != self.first + len(self.rows):

@@ -145,12 +145,13 @@ class DeviceFeeder:
         self.mean, self.std = mean_std(device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _convert(self, x: torch.Tensor, y: torch.Tensor, non_blocking: bool):
+    def _convert(self, x: torch.Tensor, y: torch.Tensor,
+                 non_blocking: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         x = normalize_(x.to(self.device, non_blocking=non_blocking), self.mean, self.std)
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=non_blocking)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.stream is None:
             return self._convert(x, y, False)
         with torch.cuda.stream(self.stream):
@@ -184,11 +185,11 @@ class TorchTrainLoader(CountedPosition):
         self.consumed = 0          # micro-batches handed to the training loop
         self.bad_files = 0         # decode failures replaced so far (this process)
         self._it: Optional[Iterator] = None
-        self._next = None
+        self._next: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # fetched one ahead
 
-    def _fetch(self):
+    def _fetch(self, it: Iterator) -> Tuple[torch.Tensor, torch.Tensor]:
         try:
-            x, y, replaced = next(self._it)
+            x, y, replaced = next(it)
         except CspxError as e:  # from a worker: the message carries the worker's traceback
             raise CspxError(str(e).strip().splitlines()[-1].split("CspxError: ", 1)[-1]) from None
         self.bad_files += int(replaced.sum())  # a CPU tensor: no device sync
@@ -198,13 +199,15 @@ class TorchTrainLoader(CountedPosition):
         return self
 
     def __next__(self):
-        if self._it is None:
+        it = self._it
+        if it is None:
             self.sampler.start = self.consumed
             dl = _loader(self.dataset, self.workers, self.device.type == "cuda",
                          batch_sampler=self.sampler)
-            self._it = _start(dl)
-            self._next = self._fetch()
-        batch, self._next = self._next, self._fetch()
+            it = self._it = _start(dl)
+            self._next = self._fetch(it)
+        batch, self._next = self._next, self._fetch(it)
+        assert batch is not None  # fetched above on the first call, else by the last one
         self.consumed += 1
         return self.feeder.sync(*batch)
 

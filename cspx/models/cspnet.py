@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import nn
@@ -28,8 +28,15 @@ from torch import nn
 from cspx.errors import CspxError
 from cspx.models.layers import ACTIVATIONS, ConvNormAct, convert_groupnorm, drop_path_or_identity
 
-Num = Union[int, float]
-PerStage = Union[Num, Tuple[Num, ...]]
+N = TypeVar("N", int, float)
+PerStage = Union[N, Tuple[N, ...]]  # one value for every stage, or one per stage
+
+
+def _at(v: PerStage[N], i: int) -> N:
+    """Stage i's value of a per-stage field: a tuple with one value per stage once
+    CspConfig.__post_init__ has run."""
+    assert isinstance(v, tuple), v
+    return v[i]
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,11 @@ class CspConfig:
     stem_pool: bool               # 3x3 stride-2 max-pool after the stem conv
     depth: Tuple[int, ...]        # residual blocks per stage
     out_chs: Tuple[int, ...]      # stage output channels
-    stride: PerStage = 2          # stage downsampling stride (px), applied by conv_down
-    groups: PerStage = 1          # groups of every 3x3 conv in the stage (ResNeXt cardinality)
-    expand_ratio: PerStage = 1.0  # conv_exp channels / out_chs; its output is split in two halves
-    bottle_ratio: PerStage = 1.0  # block inner channels / block output channels
-    block_ratio: PerStage = 1.0   # block output channels / out_chs
+    stride: PerStage[int] = 2     # stage downsampling stride (px), applied by conv_down
+    groups: PerStage[int] = 1     # groups of every 3x3 conv in the stage (ResNeXt cardinality)
+    expand_ratio: PerStage[float] = 1.0  # conv_exp channels / out_chs; its output is split in two
+    bottle_ratio: PerStage[float] = 1.0  # block inner channels / block output channels
+    block_ratio: PerStage[float] = 1.0   # block output channels / out_chs
     block: str = "bottle"         # "bottle": 1x1-3x3-1x1 +x, act; "dark": 1x1-3x3 +x (no act)
     cross_linear: bool = False    # conv_exp without activation
     down_growth: bool = False     # conv_down widens to out_chs (else keeps the input width)
@@ -184,9 +191,11 @@ BLOCKS = {"bottle": BottleneckBlock, "dark": DarkBlock}
 class CrossStage(nn.Module):
     def __init__(self, cfg: CspConfig, i: int, in_chs: int, drop_paths: List[float]):
         super().__init__()
-        out_chs, stride, groups, act = cfg.out_chs[i], cfg.stride[i], cfg.groups[i], cfg.act
-        self.expand_chs = exp = int(round(out_chs * cfg.expand_ratio[i]))
-        block_chs = int(round(out_chs * cfg.block_ratio[i]))
+        out_chs, stride, groups, act = (cfg.out_chs[i], _at(cfg.stride, i), _at(cfg.groups, i),
+                                        cfg.act)
+        self.expand_chs = exp = int(round(out_chs * _at(cfg.expand_ratio, i)))
+        block_chs = int(round(out_chs * _at(cfg.block_ratio, i)))
+        self.conv_down: nn.Module
         if stride != 1:
             down = out_chs if cfg.down_growth else in_chs
             self.conv_down = ConvNormAct(in_chs, down, 3, stride, groups=groups, act=act)
@@ -198,7 +207,7 @@ class CrossStage(nn.Module):
         prev = exp // 2
         for j, p in enumerate(drop_paths):
             self.blocks.add_module(str(j), BLOCKS[cfg.block](
-                prev, block_chs, cfg.bottle_ratio[i], groups, act, drop_path=p))
+                prev, block_chs, _at(cfg.bottle_ratio, i), groups, act, drop_path=p))
             prev = block_chs
         self.conv_transition_b = ConvNormAct(prev, exp // 2, 1, act=act)
         self.conv_transition = ConvNormAct(exp, out_chs, 1, act=act)
@@ -217,7 +226,8 @@ class ClassifierHead(nn.Module):
         self.global_pool = nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1),
                                                      flatten=nn.Flatten(1)))
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc: nn.Module = (nn.Linear(in_features, num_classes) if num_classes > 0
+                              else nn.Identity())
         self.flatten = nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -237,7 +247,7 @@ def _init_weights(module: nn.Module, zero_init_last: bool) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=0.01)
             nn.init.zeros_(m.bias)
-        elif zero_init_last and hasattr(m, "zero_init_last"):
+        elif zero_init_last and isinstance(m, (BottleneckBlock, DarkBlock)):
             m.zero_init_last()
 
 
@@ -274,6 +284,7 @@ class CspNet(nn.Module):
         """A new fc for `num_classes` (0: none, forward returns pooled features), N(0, 0.01)."""
         ref = next(self.parameters())
         self.num_classes = num_classes
+        fc: nn.Module
         if num_classes > 0:
             fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             _init_weights(fc, False)
@@ -344,4 +355,6 @@ def create_model(name: str, num_classes: int = 1000, drop_path_rate: float = 0.0
         cfg = CspConfig(**{**values, **overrides})
     model = CspNet(cfg, num_classes=num_classes, drop_path_rate=drop_path_rate, name=name,
                    **model_args)
-    return convert_groupnorm(model) if cfg.norm == "groupnorm" else model
+    if cfg.norm == "groupnorm":
+        convert_groupnorm(model)  # in place below the top module: it replaces model's children
+    return model

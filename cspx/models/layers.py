@@ -39,6 +39,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
 class SyncBatchNormAct2d(nn.SyncBatchNorm):
     """SyncBatchNorm + the drop/act children of the BatchNormAct2d it replaces."""
+    drop: nn.Module  # set by convert_sync_batchnorm
+    act: nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
@@ -47,6 +49,8 @@ class SyncBatchNormAct2d(nn.SyncBatchNorm):
 class GroupNormAct2d(nn.GroupNorm):
     """GroupNorm + the drop/act children of the BatchNormAct2d it replaces. It normalises each
     sample on its own, so results do not depend on how a batch is split (accumulation, ranks)."""
+    drop: nn.Module  # set by convert_groupnorm
+    act: nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
