@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Literal, Optional, Sequence, Tuple
+from typing import Literal, Optional, Sequence, Tuple, TypeVar
 
 from cspx import configio
 from cspx.configio import ConfigValueError
@@ -361,6 +361,17 @@ def _check_paths(cfg: Config, source) -> None:
                    ("model.init_from", cfg.model.init_from)):
         if p is not None and not os.path.isfile(os.path.expanduser(p)):
             raise CspxError(f"{source(key)}: {key}: file {p!r} does not exist")
+
+
+T = TypeVar("T")
+
+
+def resolved(value: Optional[T], key: str) -> T:
+    """A value cspx.resolve fills in (model.num_classes, eval.img_size, ...), read from a
+    resolved config; a ValueError for one that is not resolved."""
+    if value is None:
+        raise ValueError(f"{key} is not resolved (see cspx.resolve)")
+    return value
 
 
 def micro_batch(cfg: Config, world_size: int) -> int:

@@ -135,6 +135,7 @@ def _open_val(args: Namespace, env: distributed.DistEnv, info: Dict[str, Any]):
     whole = index(source)
     if not asked and not os.path.isdir(os.path.join(root, "train")):
         # class folders at the top: the held-out split only if it is the run's (its data)
+        assert recorded is not None  # not asked: `held` is the one the checkpoint recorded
         try:
             val = holdout(whole, *held, key="--val-split")[1]
         except CspxError:
@@ -144,8 +145,9 @@ def _open_val(args: Namespace, env: distributed.DistEnv, info: Dict[str, Any]):
     return source, _held_out(whole, held, asked, recorded, env), held
 
 
-def _open_shards(args: Namespace, env: distributed.DistEnv, held, asked: bool,
-                 recorded) -> Tuple[str, DataSplit, Optional[Tuple[float, int]]]:
+def _open_shards(args: Namespace, env: distributed.DistEnv, held: Optional[Tuple[float, int]],
+                 asked: bool, recorded: Optional[Dict[str, Any]]
+                 ) -> Tuple[str, DataSplit, Optional[Tuple[float, int]]]:
     """_open_val of a sharded dataset: its val split, or one held out of its train split."""
     root = args.data_dir
     if held is not None and not asked and "val" in read_manifest(root).splits:

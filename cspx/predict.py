@@ -33,11 +33,12 @@ from cspx import distributed, precision
 from cspx.data import scan
 from cspx.data.build import build_eval_loader
 from cspx.data.class_names import class_names
+from cspx.data.index import FolderSplit
 from cspx.data.inputs import Source, collect, rank_share
 from cspx.distributed import DistEnv
 from cspx.errors import CspxError
 from cspx.files import check_writable
-from cspx.models import EvalPreset, eval_protocol
+from cspx.models import CspNet, EvalPreset, eval_protocol
 from cspx.placement import place_model
 from cspx.predict_output import is_predictions_file, write_predictions
 from cspx.resolve import resolve_loader
@@ -99,7 +100,7 @@ def _run(args: Namespace, env: DistEnv) -> int:
     return 1 if failed and env.is_main else 0
 
 
-def placed_model(args: Namespace, env: DistEnv) -> Tuple[torch.nn.Module, LoadInfo, EvalPreset]:
+def placed_model(args: Namespace, env: DistEnv) -> Tuple[CspNet, LoadInfo, EvalPreset]:
     """(model on its device in eval mode, LoadInfo, evaluation protocol): the checkpoint's
     model and its protocol with the flags' overrides, through the helpers validate.py uses."""
     model, info = build_model_from_checkpoint(args.checkpoint, args.model, args.ema)
@@ -121,8 +122,8 @@ class Classifier:
     def __call__(self, src: Source, kind: str) -> Tuple[List[Row], float]:
         rows: List[Row] = []
         todo = np.arange(len(src.split))
-        if src.split.format == "folder":  # missing, empty, truncated: not worth loading
-            bad = self._quick_scan(src)
+        if isinstance(src.split, FolderSplit):  # missing, empty, truncated: not worth loading
+            bad = self._quick_scan(src, src.split)
             rows += [(int(src.rows[i]), src.path(i), reason, [], []) for i, reason in bad]
             self.bar.update(len(bad))
             todo = np.setdiff1d(todo, [i for i, _ in bad])
@@ -148,8 +149,7 @@ class Classifier:
                 kind = "torch"
         return rows, seconds
 
-    def _quick_scan(self, src: Source) -> List[Tuple[int, str]]:
-        split = src.split
+    def _quick_scan(self, src: Source, split: FolderSplit) -> List[Tuple[int, str]]:
         verdicts = scan.scan_files(split.root, split.files, workers=self.workers)
         bad = [(i, verdicts[f]) for i, f in enumerate(split.files) if verdicts[f] is not None]
         if bad:

@@ -28,9 +28,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cspx import divergence, precision, watchdog
 from cspx.checkpoint import Checkpointer, NonfiniteState
-from cspx.config import Config
+from cspx.config import Config, resolved
 from cspx.data.batch_aug import BatchAugment
-from cspx.data.loader import EvalLoader, TrainLoader
+from cspx.data.loader import Batch, EvalLoader, TrainLoader
 from cspx.distributed import DistEnv, StopVote, broadcast_buffers
 from cspx.ema import ModelEma
 from cspx.errors import CspxError, RunFailure
@@ -126,7 +126,8 @@ class Trainer:
         self.rng = RngState(env.device)
         # random erasing and mixup / CutMix on each micro-batch, after either loader; label
         # smoothing goes into the soft targets when mixing, else into the loss (training_loss)
-        self.batch_aug = BatchAugment(aug=cfg.aug, num_classes=cfg.model.num_classes,
+        classes = resolved(cfg.model.num_classes, "model.num_classes")
+        self.batch_aug = BatchAugment(aug=cfg.aug, num_classes=classes,
                                       label_smoothing=cfg.train.label_smoothing,
                                       device=env.device, seed=cfg.seed, rank=env.rank)
         self.preemption = Preemption()
@@ -137,7 +138,7 @@ class Trainer:
         self._compile_backend = "inductor"
         self._graphs = False                   # wrap(): CUDA graphs replay the forward pass
         self._window = (time.perf_counter(), 0)  # (time, images) at the last log
-        self._pending = None                     # a batch taken early for the image grid
+        self._pending: Optional[Batch] = None    # a batch taken early for the image grid
         # the optimizer's state from a checkpoint, its settings from the recipe (OptimizerState)
         ckpt.register(shared={"model": model, "optimizer": OptimizerState(optimizer),
                               "scaler": self.scaler, "ema": self.ema, "progress": self.progress},
@@ -177,14 +178,15 @@ class Trainer:
         ddp = nn.parallel.DistributedDataParallel
         no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
                    inspect.signature(ddp).parameters else "broadcast_buffers")
-        return ddp(module, device_ids=ids, gradient_as_bucket_view=True, **{no_sync: False})
+        off: Dict[str, Any] = {no_sync: False}
+        return ddp(module, device_ids=ids, gradient_as_bucket_view=True, **off)
 
     # ----- checkpoint -------------------------------------------------------------------------
     def restore(self, state: Dict[str, Any], *, same_world: bool = True,
                 force: bool = False) -> None:
         """Every registered part from a checkpoint's `state` (before `wrap`)."""
         missing = self.ckpt.restore(state, same_world=same_world, force=force)
-        if "ema" in missing:
+        if "ema" in missing and self.ema is not None:
             log.warning("checkpoint has no EMA weights: EMA starts from the checkpoint's weights")
             self.ema.copy_from(self.model)
 
@@ -203,7 +205,9 @@ class Trainer:
             images, targets = self._next_batch()  # labels, or soft targets when mixing
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = micro == t.accum_steps - 1 or not self.env.distributed
-            with nullcontext() if sync else self.forward_model.no_sync():
+            # not sync: forward_model is DDP (or compiled DDP, which forwards the attribute);
+            # nn.Module.__getattr__ is typed Tensor | Module
+            with nullcontext() if sync else self.forward_model.no_sync():  # type: ignore[operator]
                 if self._graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with precision.autocast(self.precision, self.env.device):
@@ -246,7 +250,7 @@ class Trainer:
         finally:
             del self.optimizer.found_inf
 
-    def _next_batch(self):
+    def _next_batch(self) -> Batch:
         """The next micro-batch, through the batch augmentation: (images, labels or targets)."""
         if self._pending is not None:
             batch, self._pending = self._pending, None
@@ -257,8 +261,8 @@ class Trainer:
         """Show the first training images as the model sees them (every augmentation, mixing
         included) in TensorBoard (a fresh run's step 0)."""
         from cspx.data.transforms import mean_std
-        self._pending = self._next_batch()
-        x = self._pending[0][:16].float()
+        batch = self._pending = self._next_batch()
+        x = batch[0][:16].float()
         mean, std = mean_std(x.device)
         self.metrics.image_grid("train/augmented_inputs", (x * std + mean).clamp(0, 1).cpu(), 0)
 
@@ -368,13 +372,16 @@ class Trainer:
     def run_eval(self) -> bool:
         """Evaluate the model (and EMA); returns True when top-1 is the best so far."""
         p = self.progress
+        if self.eval_loader is None:
+            raise ValueError("run_eval: this Trainer has no eval_loader")
+        loader = self.eval_loader
         results = {}
         for name, module in (("eval", self.model), ("eval_ema", self.ema.module if self.ema else None)):
             if module is None:
                 continue
             broadcast_buffers(module, self.env)  # every rank evaluates rank 0's BN statistics
             try:
-                results[name] = r = evaluate(module, self.eval_loader, self.env, self.precision)
+                results[name] = r = evaluate(module, loader, self.env, self.precision)
             except OOM:
                 bs = self.cfg.eval.batch_size
                 raise CspxError(f"out of memory during evaluation on {self.env.device} with "

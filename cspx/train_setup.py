@@ -19,7 +19,7 @@ import torch
 
 from cspx import configio, distributed, precision, watchdog
 from cspx.checkpoint import Checkpointer
-from cspx.config import Config, micro_batch
+from cspx.config import Config, micro_batch, resolved
 from cspx.data.build import build_splits, build_train_loader, classes_file, eval_loader_for
 from cspx.data.loader import DataSplit
 from cspx.distributed import DistEnv
@@ -74,7 +74,8 @@ def _run(cfg: Config, env: DistEnv, resume: Optional[str], force: bool, dry_run:
     cfg = resolve(cfg, env, data)
     log.info("resolved config:\n" + configio.dump_yaml(cfg))
     seed_all(cfg.seed)  # identical initial weights on every rank
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes,
+    model = create_model(cfg.model.name,
+                         num_classes=resolved(cfg.model.num_classes, "model.num_classes"),
                          drop_path_rate=cfg.model.drop_path_rate)
     if dry_run:
         print(describe_plan(cfg, model, *data, env.world, micro_batch(cfg, env.world)), flush=True)
@@ -225,8 +226,10 @@ def validate_command(cfg: Config, run: RunDir) -> str:
     python = os.path.relpath(exe) if exe.startswith(os.getcwd() + os.sep) else exe
     args = ["--checkpoint", os.path.join(run.path, "checkpoints", "last.pt"),
             "--data-dir", os.path.abspath(os.path.expanduser(d.root)),
-            "--loader", d.loader, "--img-size", str(e.img_size), "--crop-pct", str(e.crop_pct),
-            "--interpolation", e.interpolation, "--batch-size", str(e.batch_size),
+            "--loader", d.loader, "--img-size", str(resolved(e.img_size, "eval.img_size")),
+            "--crop-pct", str(resolved(e.crop_pct, "eval.crop_pct")),
+            "--interpolation", resolved(e.interpolation, "eval.interpolation"),
+            "--batch-size", str(e.batch_size),
             "--precision", precision.of(cfg), "--device", cfg.run.device,
             "--workers", str(d.workers)]
     if cfg.model.channels_last:

@@ -19,13 +19,16 @@ import logging
 import os
 import re
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from cspx.checkpoint import FORMAT, FORMAT_VERSION, verify
 from cspx.errors import CspxError
+
+if TYPE_CHECKING:
+    from cspx.models import CspNet
 
 log = logging.getLogger("cspx")
 
@@ -241,7 +244,7 @@ def load_into(model: nn.Module, path: str, prefer_ema: bool = False, strict: boo
 
 
 def build_model_from_checkpoint(path: str, model_name: Optional[str] = None, ema: bool = False,
-                                flag: str = "--model") -> Tuple[nn.Module, LoadInfo]:
+                                flag: str = "--model") -> Tuple[CspNet, LoadInfo]:
     """The model a checkpoint describes, with its weights, in eval mode on the CPU.
 
     The architecture is `model_name`, else the one a cspx checkpoint records, else cspresnext50;

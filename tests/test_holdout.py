@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT
 
+from conftest import ROOT
 from cspx.data.holdout import held_out_count, holdout, min_class_size
 from cspx.data.index import FolderSplit
 from cspx.errors import CspxError

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from argparse import Namespace
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -40,8 +40,9 @@ def _images(args: Namespace, count: int) -> List[np.ndarray]:
     out = []
     for rel in index.files[:count]:
         with Image.open(os.path.join(index.root, rel)) as im:
-            im = im.convert("RGB").resize((args.img_size, args.img_size), Image.Resampling.BILINEAR)
-            out.append(np.asarray(im).copy())
+            small = im.convert("RGB").resize((args.img_size, args.img_size),
+                                             Image.Resampling.BILINEAR)
+            out.append(np.asarray(small).copy())
     if len(out) < count:
         out = (out * (count // len(out) + 1))[:count]
     return out
@@ -196,7 +197,7 @@ BATCH_ROWS = (
 )
 
 
-def _batch_runners(cfg, args: Namespace, device) -> Dict[str, object]:
+def _batch_runners(cfg, args: Namespace, device) -> Dict[str, Callable[[], float]]:
     """Seconds per image of each batch augmentation on `device`, on a batch as the loaders hand
     it out (the run's dtype and memory format), device work included."""
     import torch
@@ -211,7 +212,7 @@ def _batch_runners(cfg, args: Namespace, device) -> Dict[str, object]:
     y = torch.randint(0, 1000, (args.batch,), device=device)
     off = ["aug.mixup_alpha=0", "aug.cutmix_alpha=0", "aug.cutmix_minmax=null",
            "aug.erase_prob=0"]
-    runs = {}
+    runs: Dict[str, Callable[[], float]] = {}
     for row, keys in BATCH_ROWS:
         stage = BatchAugment(aug=bench_config(args, *off, *keys).aug, num_classes=1000,
                              label_smoothing=0.1, device=device, seed=0, rank=0)

@@ -122,7 +122,10 @@ def imports(modules: Sequence[str]) -> List[str]:
     for m in modules:
         mod = importlib.import_module(m)
         ver = getattr(mod, "__version__", None)
-        out.append(f"import {m}{' ' + ver if ver else ''}: from {os.path.dirname(mod.__file__)}")
+        # a namespace package has no __file__: its folders are its __path__
+        where = (os.path.dirname(mod.__file__) if mod.__file__ else
+                 ", ".join(getattr(mod, "__path__", [])))
+        out.append(f"import {m}{' ' + ver if ver else ''}: from {where}")
     return out
 
 
@@ -146,7 +149,9 @@ def check_dali(device_name: str) -> str:
     data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
     gpu = device.type == "cuda"
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=(device.index or 0) if gpu else None)
+    # device_id None: a CPU-only pipeline (DALI's documented value; its stub says int)
+    @pipeline_def(batch_size=1, num_threads=1,
+                  device_id=(device.index or 0) if gpu else None)  # type: ignore[arg-type]
     def pipe():
         jpegs = fn.external_source(source=lambda: [data], batch=True)
         return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",

@@ -6,7 +6,7 @@ import json
 import os
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -38,13 +38,17 @@ def seconds(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def alternate(named: Dict[str, Callable[[], float]], rounds: int,
-              after_round: Optional[Callable[[Dict[str, List[float]]], None]] = None
-              ) -> Dict[str, List[float]]:
+K = TypeVar("K")  # a contender's name
+R = TypeVar("R")  # what one run returns: seconds, or a dict of figures
+
+
+def alternate(named: Dict[K, Callable[[], R]], rounds: int,
+              after_round: Optional[Callable[[Dict[K, List[R]]], None]] = None
+              ) -> Dict[K, List[R]]:
     """Run the contenders in turn, `rounds` times (A B A B ...): slow drifts of a shared machine
     hit all of them alike, so their ratio is meaningful even when absolute figures wobble.
     `after_round(results so far)` runs after every round (benchmarks rewrite their JSON there)."""
-    out: Dict[str, List[float]] = {k: [] for k in named}
+    out: Dict[K, List[R]] = {k: [] for k in named}
     for _ in range(rounds):
         for k, fn in named.items():
             out[k].append(fn())

@@ -35,6 +35,7 @@ class Probe(nn.Module):
     network's pooled features share one dominant direction, which makes every argmax the same),
     then a random linear readout over 1000 classes. It sees full-resolution detail, like a real
     network, but its top-2 margins are far smaller than a trained one's, so it exaggerates flips."""
+    center: torch.Tensor  # a buffer: the calibration images' mean feature
 
     def __init__(self):
         super().__init__()
@@ -83,9 +84,11 @@ def _naive(index, img_size: int, crop_pct: float, interpolation: str, batch: int
                                            file_list=_file_list(lists, "val", index, True),
                                            random_shuffle=False, pad_last_batch=True)
         images = fn.decoders.image(jpegs, device="cpu", output_type=DALIImageType.RGB)
-        images = fn.resize(images, resize_shorter=eval_resize_size(img_size, crop_pct),
-                           interp_type=INTERP[interpolation], antialias=True)
-        images = fn.crop_mirror_normalize(images, crop=(img_size, img_size), crop_pos_x=0.5,
+        resized = fn.resize(images, resize_shorter=eval_resize_size(img_size, crop_pct),
+                            interp_type=INTERP[interpolation], antialias=True)
+        # fn.resize is typed DataNode | Sequence | None (save_attrs adds an output): one here
+        images = fn.crop_mirror_normalize(resized,  # type: ignore[arg-type]
+                                          crop=(img_size, img_size), crop_pos_x=0.5,
                                           crop_pos_y=0.5, mean=MEAN_255, std=STD_255,
                                           dtype=DALIDataType.FLOAT, output_layout="CHW")
         return images, positions

@@ -5,7 +5,7 @@ import os
 import tempfile
 import time
 from argparse import Namespace
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -14,7 +14,7 @@ from cspx.bench.common import alternate, median, seconds, sync
 from cspx.bench.fixed import FixedBatchLoader
 from cspx.bench.steps import BENCH_CLASSES, SYNTHETIC_ONLY, bench_config, device_of, make_trainer
 from cspx.checkpoint import verify
-from cspx.config import micro_batch
+from cspx.config import micro_batch, resolved
 from cspx.data.build import build_eval_loader, build_train_loader
 from cspx.data.index import build_index
 from cspx.data.loader import check_fits
@@ -73,7 +73,8 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
     bad = [v for v in args.loaders if v not in LOADER_VARIANTS]
     if bad:
         raise CspxError(f"--loaders: unknown {bad[0]!r}; choose from {', '.join(LOADER_VARIANTS)}")
-    runs, rows = {}, {}
+    runs: Dict[str, Callable[[], float]] = {}
+    rows: Dict[str, Dict] = {}
 
     def update(res):
         for k, v in res.items():
@@ -89,7 +90,9 @@ def loader(args: Namespace) -> Tuple[List[Dict], Dict]:
 
             def make(cfg=cfg, copy=copy):
                 ld = build_train_loader(cfg, split, env, tmp)
-                if copy is not None:
+                if copy is not None:  # a dali variant (LOADER_VARIANTS): copy out or not
+                    from cspx.data.dali_loader import DaliTrainLoader
+                    assert isinstance(ld, DaliTrainLoader)
                     ld.copy_out = copy
                 return ld
             name = _loader_name(variant, device)
@@ -144,8 +147,9 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
     # a folder of its own, made here and removed at the end (inside --out-dir when given, so
     # nothing of the user's there is touched)
     folder = tempfile.mkdtemp(prefix="cspx-bench-ckpt-", dir=args.out_dir)
-    fixed = FixedBatchLoader.random(batch=2, img_size=64, num_classes=cfg.model.num_classes,
-                                    device=device, channels_last=args.channels_last)
+    classes = resolved(cfg.model.num_classes, "model.num_classes")
+    fixed = FixedBatchLoader.random(batch=2, img_size=64, num_classes=classes, device=device,
+                                    channels_last=args.channels_last)
     trainer = make_trainer(cfg, device, fixed, folder)
     trainer.fit(until=1)  # one step, so the optimizer holds its momentum buffers
     state = trainer.ckpt.state_dict()

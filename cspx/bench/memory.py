@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from cspx.config import load_config
 from cspx.errors import CspxError, last_line
@@ -114,8 +114,8 @@ def measure(recipe: str, loader: str, epochs: int, workers: int, extra: List[str
             raise CspxError(f"memory benchmark: the {loader} run did {len(samples)} of {epochs} "
                             f"epochs in --timeout {timeout:.0f} s; raise --timeout")
         if proc.returncode != 0:
-            raise CspxError(f"memory benchmark: the {loader} run failed: "
-                            f"{last_line(proc.stderr.read())}")
+            err = proc.stderr.read() if proc.stderr is not None else ""
+            raise CspxError(f"memory benchmark: the {loader} run failed: {last_line(err)}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -156,7 +156,8 @@ def growth(samples: List[Tuple[int, float]]) -> Optional[float]:
 
 def memory(args: Namespace) -> Tuple[List[Dict], Dict]:
     recipe = args.recipe if args.recipe_given else os.path.join(ROOT, "recipes", "demo.yaml")
-    rows, extra = [], {}
+    rows: List[Dict] = []
+    extra: Dict[str, Any] = {}  # per loader: growth (%) and its (epoch, MiB) samples
     for loader in args.loaders:
         samples = measure(recipe, loader, args.epochs, args.workers, args.set,
                           timeout=args.timeout)

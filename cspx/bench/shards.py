@@ -33,7 +33,7 @@ import tempfile
 import time
 from argparse import Namespace
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from cspx.bench.common import alternate, make_jpegs, median
 from cspx.data.index import cache_dir
@@ -135,7 +135,7 @@ def bench(args: Namespace) -> Tuple[List[Dict], Dict]:
     n = args.make_data or DEFAULT_IMAGES
     data = datasets(n, args.workers)
     rows: List[Dict] = []
-    raw: Dict[str, Dict[str, List[float]]] = {}
+    raw: Dict[str, Dict[str, List[Dict[str, float]]]] = {}  # per size and loader: _launch's
     caches = tempfile.mkdtemp(prefix="cspx-bench-cache-")
     try:
         for size, (folder, shards) in data.items():
@@ -143,7 +143,7 @@ def bench(args: Namespace) -> Tuple[List[Dict], Dict]:
                 warm = os.path.join(caches, f"warm-{size}-{kind}")
                 on_folder = _overrides(args, folder, "folder", kind)
                 on_shards = _overrides(args, shards, "shards", kind)
-                runs = {
+                runs: Dict[str, Callable[[], Dict[str, float]]] = {
                     "folder, cold index": partial(_launch_cold, args, on_folder, caches),
                     "folder, warm index": partial(_launch, args, on_folder, warm),
                     "shards": partial(_launch_cold, args, on_shards, caches),

@@ -16,7 +16,7 @@ import itertools
 import tempfile
 from argparse import Namespace
 from functools import partial
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from cspx.bench.common import alternate, median, peak_kind, peak_mib, reset_peak
 from cspx.bench.fixed import FixedBatchLoader
 from cspx.bench.flops import conv_outputs, forward_flops
 from cspx.checkpoint import Checkpointer
-from cspx.config import Config, load_config, micro_batch
+from cspx.config import Config, load_config, micro_batch, resolved
 from cspx.data.build import build_train_loader
 from cspx.data.index import build_index
 from cspx.data.loader import check_fits
@@ -83,7 +83,8 @@ def synthetic(cfg: Config, device: torch.device) -> FixedBatchLoader:
     """A fixed random batch as the run's loader would hand it over: same shape, layout and
     dtype (precision.loader_dtype), so a compiled model sees the same input either way."""
     return FixedBatchLoader.random(batch=cfg.train.batch_size, img_size=cfg.aug.img_size,
-                                   num_classes=cfg.model.num_classes, device=device,
+                                   num_classes=resolved(cfg.model.num_classes, "model.num_classes"),
+                                   device=device,
                                    channels_last=cfg.model.channels_last,
                                    dtype=precision.loader_dtype(precision.of(cfg), device))
 
@@ -93,7 +94,8 @@ def make_trainer(cfg: Config, device: torch.device, loader, work_dir: str,
     """The real Trainer on `loader` (a bench_config), writing nothing but into `work_dir`."""
     precision.configure_backends(device, deterministic=cfg.train.deterministic)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+    classes = resolved(cfg.model.num_classes, "model.num_classes")
+    model = create_model(cfg.model.name, num_classes=classes)
     place_model(model, device=device, channels_last=cfg.model.channels_last)
     opt = build_optimizer(model, cfg.optim, device, skips=cfg.train.on_nonfinite == "skip")
     env = DistEnv(device=device)
@@ -130,7 +132,8 @@ class BareLoop:
         torch.manual_seed(cfg.seed)
         self.cfg, self.device, self.step = cfg, device, 0
         self.fmt = memory_format(cfg.model.channels_last)  # the batches', as the model's
-        self.model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+        self.model = create_model(cfg.model.name,
+                                  num_classes=resolved(cfg.model.num_classes, "model.num_classes"))
         place_model(self.model, device=device, channels_last=cfg.model.channels_last)
         self.model.train()
         self.opt = build_optimizer(self.model, cfg.optim, device)
@@ -200,8 +203,8 @@ def overhead(args: Namespace) -> Tuple[List[Dict], Dict]:
                 "bare loop": bare.runner(itertools.repeat((fixed.images, fixed.labels)))}
         for fn in runs.values():
             fn(args.warmup)  # allocator, kernels, cuDNN autotuning, compile
-        res = alternate({k: (lambda fn=fn: fn(args.steps)) for k, fn in runs.items()},
-                        args.rounds, update)
+        res = alternate({k: partial(fn, args.steps) for k, fn in runs.items()}, args.rounds,
+                        update)
     t, b = median(res["cspx trainer"]), median(res["bare loop"])
     return list(rows.values()), {"overhead_pct": 100 * (t / b - 1), "raw": res}
 
@@ -331,7 +334,9 @@ def model(args: Namespace) -> Tuple[List[Dict], Dict]:
     """forward + backward + SGD step on device-resident tensors over a grid of settings, one
     variant after another (each alone in memory)."""
     device = device_of(args)
-    rows, flops, work = [], {}, {}
+    rows: List[Dict] = []
+    flops: Dict = {}                 # _flops_per_image's cache
+    work: Dict[str, int] = {}        # the model's work per image, whatever the variant
     grid = itertools.product(args.batch_sizes, args.precisions, args.channels_last_grid,
                              args.compile_modes)
     for batch, prec, cl, mode in grid:
@@ -343,6 +348,7 @@ def model(args: Namespace) -> Tuple[List[Dict], Dict]:
         rows.append(row)
         fresh_start(device)
         with tempfile.TemporaryDirectory() as tmp:
+            t: Optional[Trainer] = None
             try:
                 cfg = bench_config(a, SYNTHETIC_ONLY, *compile_keys(mode))
                 t = make_trainer(cfg, device, synthetic(cfg, device), tmp, args.compile_backend)

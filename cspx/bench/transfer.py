@@ -58,7 +58,7 @@ def _demo_overrides(args: Namespace) -> List[str]:
 
 
 def _flat(d: Dict, prefix: str = "") -> Dict:
-    out = {}
+    out: Dict = {}
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Optional, Sequence
 
 from cspx.errors import CspxError, run_cli
 
@@ -76,7 +76,7 @@ def _main(argv: Sequence[str]) -> int:
     return run(args)
 
 
-def main(argv: Sequence[str] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(_main, argv)
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from cspx import distributed, precision
-from cspx.config import Config, micro_batch
+from cspx.config import Config, micro_batch, resolved
 from cspx.data import synthetic
 from cspx.data.holdout import holdout
 from cspx.data.index import build_index, read_classes_file, resolve_split_dir
@@ -82,6 +82,7 @@ def open_shards_on_every_rank(root: str, splits: Sequence[str], classes: str, ex
     failed = [msg for msg, _ in seen if msg]
     if failed:
         raise CspxError(failed[0])
+    assert out is not None  # this rank's failure is among `failed`
     if len({tuple(f) for _, f in seen}) > 1:
         raise CspxError(f"data.root: the ranks read different samples from {root} (a shard "
                         f"excluded on some nodes' copies only?); check each node's copy with "
@@ -161,10 +162,12 @@ def _use_val(key: str) -> str:
 
 def build_train_loader(cfg: Config, split: DataSplit, env: DistEnv, work_dir: str) -> TrainLoader:
     """The training loader data.loader names, producing precision.loader_dtype images."""
-    common = dict(split=split, aug=cfg.aug, seed=cfg.seed, micro_batch=micro_batch(cfg, env.world),
-                  rank=env.rank, world=env.world, workers=cfg.data.workers, device=env.device,
-                  channels_last=cfg.model.channels_last,
-                  dtype=precision.loader_dtype(precision.of(cfg), env.device))
+    # the arguments both loaders take (keyword-only constructors)
+    common: Dict[str, Any] = dict(
+        split=split, aug=cfg.aug, seed=cfg.seed, micro_batch=micro_batch(cfg, env.world),
+        rank=env.rank, world=env.world, workers=cfg.data.workers, device=env.device,
+        channels_last=cfg.model.channels_last,
+        dtype=precision.loader_dtype(precision.of(cfg), env.device))
     if cfg.data.loader == "dali":
         from cspx.data.dali_loader import DaliTrainLoader
         return DaliTrainLoader(**common, hw_decoder_load=cfg.data.dali_hw_decoder_load,
@@ -177,9 +180,10 @@ def build_eval_loader(*, kind: str, split: DataSplit, img_size: int, crop_pct: f
                       channels_last: bool, file_list_dir: str = "") -> EvalLoader:
     """An evaluation loader of `kind` ('torch' or 'dali'); float32 images (the model's autocast
     casts), every image of `split` in exactly one rank's share."""
-    common = dict(split=split, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation,
-                  batch_size=batch_size, rank=env.rank, world=env.world, workers=workers,
-                  device=env.device, channels_last=channels_last)
+    common: Dict[str, Any] = dict(
+        split=split, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation,
+        batch_size=batch_size, rank=env.rank, world=env.world, workers=workers,
+        device=env.device, channels_last=channels_last)
     if kind == "dali":
         from cspx.data.dali_loader import DaliEvalLoader
         return DaliEvalLoader(**common, file_list_dir=file_list_dir or None)
@@ -189,7 +193,9 @@ def build_eval_loader(*, kind: str, split: DataSplit, img_size: int, crop_pct: f
 def eval_loader_for(cfg: Config, split: DataSplit, env: DistEnv, work_dir: str) -> EvalLoader:
     """The evaluation loader of a training run (its eval section, its data.loader)."""
     e = cfg.eval
-    return build_eval_loader(kind=cfg.data.loader, split=split, img_size=e.img_size,
-                             crop_pct=e.crop_pct, interpolation=e.interpolation,
+    return build_eval_loader(kind=cfg.data.loader, split=split,
+                             img_size=resolved(e.img_size, "eval.img_size"),
+                             crop_pct=resolved(e.crop_pct, "eval.crop_pct"),
+                             interpolation=resolved(e.interpolation, "eval.interpolation"),
                              batch_size=e.batch_size, env=env, workers=cfg.data.workers,
                              channels_last=cfg.model.channels_last, file_list_dir=work_dir)

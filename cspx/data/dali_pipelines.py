@@ -73,8 +73,8 @@ def _read(reader: Dict[str, Any], train: bool):
 
 def _file_reader(file_root: str, file_list: str, shard_id: int, num_shards: int, train: bool,
                  shuffle_seed: int):
-    kw = dict(file_root=file_root, file_list=file_list, shard_id=shard_id, num_shards=num_shards,
-              name="Reader", pad_last_batch=True)
+    kw: Dict[str, Any] = dict(file_root=file_root, file_list=file_list, shard_id=shard_id,
+                              num_shards=num_shards, name="Reader", pad_last_batch=True)
     if train:
         # one permutation of the whole list per epoch, identical on every rank (same seed), each
         # rank reading its contiguous slice of it: shards are disjoint within an epoch
@@ -101,8 +101,9 @@ def train_pipeline(reader: Dict[str, Any], mixed: bool, hw_decoder_load: float, 
                    channels_last: bool, policy: str = "randaugment"):
     jpegs, labels = _read(reader, train=True)
     # adjust_orientation=False: PIL (the torch path, timm) ignores EXIF orientation too
-    dec = dict(device="cpu", output_type=DALIImageType.RGB, adjust_orientation=False,
-               random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
+    dec: Dict[str, Any] = dict(device="cpu", output_type=DALIImageType.RGB,
+                               adjust_orientation=False, random_area=list(scale),
+                               random_aspect_ratio=list(ratio), num_attempts=10)
     if mixed:
         dec.update(device="mixed", hw_decoder_load=hw_decoder_load,
                    device_memory_padding=DEVICE_MEMORY_PADDING,
@@ -112,10 +113,12 @@ def train_pipeline(reader: Dict[str, Any], mixed: bool, hw_decoder_load: float, 
     images = fn.resize(images, size=[img_size, img_size], interp_type=INTERP[interpolation],
                        antialias=True)
     if rotate > 0:  # the torch path rotates bilinearly, filling with black, keeping the size
-        images = fn.rotate(images, angle=fn.random.uniform(range=[-rotate, rotate]),
+        # fn.resize is typed DataNode | Sequence | None (save_attrs adds an output): one here
+        images = fn.rotate(images,  # type: ignore[arg-type]
+                           angle=fn.random.uniform(range=[-rotate, rotate]),
                            keep_size=True, fill_value=0, interp_type=DALIInterpType.INTERP_LINEAR)
     if hue > 0 or saturation != 1.0 or exposure != 1.0:
-        jitter = {}
+        jitter: Dict[str, Any] = {}
         if hue > 0:  # darknet's hue is a fraction of the colour circle; fn.hsv takes degrees
             jitter["hue"] = fn.random.uniform(range=[-hue * 360.0, hue * 360.0])
         if saturation != 1.0:
@@ -139,7 +142,8 @@ def eval_pipeline(reader: Dict[str, Any], mixed: bool, img_size: int, resize_siz
     """Resize the shorter side to `resize_size`, centre-crop img_size, normalize to float32.
     The reader's second output is each image's position in the split (see DaliEvalLoader)."""
     jpegs, positions = _read(reader, train=False)
-    dec = dict(device="cpu", output_type=DALIImageType.RGB, adjust_orientation=False)
+    dec: Dict[str, Any] = dict(device="cpu", output_type=DALIImageType.RGB,
+                               adjust_orientation=False)
     if mixed:  # PIL (libjpeg) upsamples chroma with the "fancy" filter; nvJPEG does not by default
         dec.update(device="mixed", jpeg_fancy_upsampling=True, device_memory_padding=0,
                    host_memory_padding=0)
@@ -150,7 +154,9 @@ def eval_pipeline(reader: Dict[str, Any], mixed: bool, img_size: int, resize_siz
     images = fn.resize(images, resize_y=out_h, resize_x=out_w, interp_type=INTERP[interpolation],
                        antialias=True, subpixel_scale=False)
     anchor = fn.stack(_center_offset(out_h - img_size), _center_offset(out_w - img_size))
-    images = fn.slice(images, anchor, types.Constant(np.array([img_size, img_size], np.float32)),
+    # fn.resize is typed DataNode | Sequence | None (save_attrs adds an output): one here
+    images = fn.slice(images,  # type: ignore[arg-type]
+                      anchor, types.Constant(np.array([img_size, img_size], np.float32)),
                       axis_names="HW", normalized_anchor=False, normalized_shape=False,
                       out_of_bounds_policy="pad")  # pad with 0 as torchvision's CenterCrop
     images = fn.crop_mirror_normalize(images, mean=MEAN_255, std=STD_255, dtype=DALIDataType.FLOAT,

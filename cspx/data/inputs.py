@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, List, Sequence
 
 import numpy as np
@@ -44,8 +45,12 @@ class Source:
     def select(self, indices: np.ndarray) -> "Source":
         """The samples at `indices` (ascending), keeping their rows and paths."""
         idx = np.asarray(indices, dtype=np.int64)
-        return Source(self.split.select(idx), self.rows[idx],
-                      lambda i, path=self.path, idx=idx: path(int(idx[i])))
+        return Source(self.split.select(idx), self.rows[idx], partial(_at, self.path, idx))
+
+
+def _at(path: Callable[[int], str], idx: np.ndarray, i: int) -> str:
+    """The name of a selection's sample i: the original's sample idx[i] (Source.select)."""
+    return path(int(idx[i]))
 
 
 def rank_share(src: Source, rank: int, world: int) -> Source:
@@ -127,8 +132,7 @@ def collect(paths: Sequence[str]) -> List[Source]:
         split = FolderSplit(root, ["unlabelled"], [os.path.relpath(a, root) for a in absolute],
                             np.zeros(len(absolute), dtype=np.int64))
         names = list(loose)
-        sources.append(Source(split, np.arange(rows, rows + len(names)),
-                              lambda i, names=names: names[i]))
+        sources.append(Source(split, np.arange(rows, rows + len(names)), names.__getitem__))
         rows += len(names)
         loose.clear()
 
