@@ -26,6 +26,10 @@ INTERNAL = {
                                        "not know: a programming error",
     ("cspx/precision.py", "ValueError"): "an unresolved config reached a consumer: a programming "
                                          "error (cspx.resolve runs first)",
+    ("cspx/config.py", "ValueError"): "config.resolved read a value resolve had not filled in: a "
+                                      "programming error (cspx.resolve runs first)",
+    ("cspx/train_loop.py", "ValueError"): "Trainer.run_eval on a Trainer built without an eval "
+                                          "loader (the benchmarks'): a programming error",
     ("cspx/resolve.py", "ValueError"): "resolve called with neither the data nor a class count: "
                                        "a programming error",
     ("cspx/export.py", "RuntimeError"): "torch's exporter itself failed: a bug to report, with "
