@@ -7,8 +7,8 @@ import importlib.util
 import os
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from cspx.bench.peer import build_data, check_checkout
 from cspx.bench.peer_args import (
     IMAGES,

@@ -16,11 +16,11 @@ import threading
 import zipfile
 
 import torch
+
+from cspx import checkpoint
 from test_divergence import STATE, last_line, one_thread, train  # noqa: F401 (autouse)
 from test_export import script
 from test_resume import assert_same_tensors, load
-
-from cspx import checkpoint
 
 LIMIT = 1_000_000  # bytes: below a tiny model's checkpoint (3.4 MB), far above the logs
 

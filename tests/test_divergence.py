@@ -12,9 +12,9 @@ from argparse import Namespace
 
 import pytest
 import torch
-from test_resume import assert_same_tensors, load
 
 from cspx import checkpoint
+from test_resume import assert_same_tensors, load
 
 # the demo recipe, shortened, on small_imagenet (3 classes, 132 training and 12 validation JPEGs
 # of 40 x 30 px): a run's fixed costs, its final evaluation included, stay small

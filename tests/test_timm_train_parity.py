@@ -10,6 +10,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+
 from conftest import ROOT
 
 STEPS, BATCH, CLASSES = 20, 8, 10
@@ -25,13 +26,13 @@ def one_thread():
 
 
 def test_twenty_trainer_steps_equal_timms_train_py_bit_for_bit(tmp_path, one_thread):
-    from test_model import timm_tiny
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     from cspx.bench.fixed import FixedBatchLoader
     from cspx.bench.steps import SYNTHETIC_ONLY, bench_config, make_trainer
+    from test_model import timm_tiny
 
     cpu = torch.device("cpu")
     args = Namespace(model="cspresnext_tiny", batch=BATCH, img_size=32, precision="auto",
