@@ -80,7 +80,8 @@ class Progress:
         return {**{k: getattr(self, k) for k in self.FIELDS},
                 # informational: completed epochs and micro-batches into the current one (the
                 # loader's own state is what resumes the data order)
-                "epoch": int(ld.epoch), "epoch_position": round(ld.epoch % 1 * ld.batches_per_epoch),
+                "epoch": int(ld.epoch),
+                "epoch_position": round(ld.epoch % 1 * ld.batches_per_epoch),
                 "loss_sum": float(self.loss_sum), "loss_n": self.loss_n,
                 "loss_nonfinite": int(self.loss_nonfinite),
                 "nonfinite": self._guard.state_dict()}

@@ -56,9 +56,10 @@ def train(cfg: Config, resume: Optional[str] = None, force: bool = False, dry_ru
         with ExitStack() as stack:
             return _run(cfg, env, resume, force, dry_run, verbose, stack)
     except OOM:
-        raise CspxError(f"out of memory on {env.device} with micro-batch {micro_batch(cfg, env.world)}; "
-                        f"raise train.accum_steps (e.g. train.accum_steps={cfg.train.accum_steps * 2}) "
-                        f"to halve the images per forward pass at the same batch") from None
+        raise CspxError(f"out of memory on {env.device} with micro-batch "
+                        f"{micro_batch(cfg, env.world)}; raise train.accum_steps "
+                        f"(e.g. train.accum_steps={cfg.train.accum_steps * 2}) to halve the images "
+                        f"per forward pass at the same batch") from None
     except RunFailure as e:  # a diverged run, failed saves: the one line goes into train.log too
         to_log_files(f"error: {e}")
         raise

@@ -26,8 +26,8 @@ Examples:
   python scripts/benchmark.py overhead --model cspresnext50 --batch 32
   python scripts/benchmark.py loader --data ../shared/imagenet-sample/val --workers 2
   python scripts/benchmark.py train --make-data 2000 --model cspresnext_tiny --img-size 128
-  python scripts/benchmark.py model --batch-sizes 128,256 --precisions bf16 --channels-last-grid on \\
-      --compile-modes eager,default,reduce-overhead
+  python scripts/benchmark.py model --batch-sizes 128,256 --precisions bf16 \\
+      --channels-last-grid on --compile-modes eager,default,reduce-overhead
   python scripts/benchmark.py checkpoint --out-dir /data/runs/bench
   python scripts/benchmark.py memory --epochs 30 --workers 2
   python scripts/benchmark.py finetune --steps 150 --workers 2
@@ -62,7 +62,8 @@ MODES = {
 }
 NEEDS_DATA = ("loader", "train", "baseline", "validate", "augment", "evaldiff",
               "peer")
-COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")
 
 
 def flag_list(kind):
@@ -113,7 +114,8 @@ def parse(argv):
     p.add_argument("--batch-sizes", type=flag_list(int),
                    help="model mode (default 32,64) and train mode (default: --batch)")
     p.add_argument("--precisions", type=flag_list(str), default=["fp32", "bf16"], help="model mode")
-    p.add_argument("--channels-last-grid", type=bools, default=[False, True], metavar="{on,off,both}")
+    p.add_argument("--channels-last-grid", type=bools, default=[False, True],
+                   metavar="{on,off,both}")
     p.add_argument("--compile-modes", type=compile_modes, default=["eager"],
                    help="model and train modes: comma list of " + ", ".join(COMPILE_MODES))
     p.add_argument("--compile-backend", default="inductor",
@@ -189,7 +191,8 @@ def _data(args):
         folder = os.path.join(cache_dir(), f"bench-jpegs-{args.make_data}")
         t = time.time()
         make_jpegs(folder, args.make_data)
-        print(f"data: {args.make_data} JPEGs in {folder} ({time.time() - t:.0f} s)", file=sys.stderr)
+        print(f"data: {args.make_data} JPEGs in {folder} ({time.time() - t:.0f} s)",
+              file=sys.stderr)
         return folder
     if args.data:
         return args.data

@@ -28,8 +28,6 @@ INTERNAL = {
                                          "error (cspx.resolve runs first)",
     ("cspx/config.py", "ValueError"): "config.resolved read a value resolve had not filled in: a "
                                       "programming error (cspx.resolve runs first)",
-    ("cspx/train_loop.py", "ValueError"): "Trainer.run_eval on a Trainer built without an eval "
-                                          "loader (the benchmarks'): a programming error",
     ("cspx/resolve.py", "ValueError"): "resolve called with neither the data nor a class count: "
                                        "a programming error",
     ("cspx/export.py", "RuntimeError"): "torch's exporter itself failed: a bug to report, with "
@@ -52,7 +50,9 @@ INTERNAL = {
                                               "path replaces and counts the sample, as any read "
                                               "or decode failure",
     ("cspx/train_loop.py", "ValueError"): "train.on_nonfinite=skip with an optimizer that cannot "
-                                          "skip (not build_optimizer(skips=True)): a programming error",
+                                          "skip (not build_optimizer(skips=True)), or run_eval on "
+                                          "a Trainer built without an eval loader (the "
+                                          "benchmarks'): programming errors",
 }
 # one-line errors besides CspxError: RunFailure (exit 1) and its kinds, CspxError's kinds
 ONE_LINE = ("CspxError", "CorruptCheckpoint", "RunFailure", "SaveFailed", "NonfiniteState")
