@@ -118,7 +118,7 @@ def to_log_files(message: str, level: int = logging.ERROR) -> None:
     """`message` into the log files only (train.log): the error line a run ends with, which the
     command line prints on the console itself."""
     logger = logging.getLogger("cspx")
-    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, (), None)
     for h in logger.handlers:
         if isinstance(h, logging.FileHandler):
             h.handle(record)

@@ -225,6 +225,7 @@ class Trainer:
             norm = nn.utils.clip_grad_norm_(self._params, t.clip_grad_norm)
         else:
             norm = divergence.gradient_norm(self._params)
+        assert loss_bad is not None  # train.accum_steps >= 1 micro-batches ran
         found_inf = self.guard.step(p.step + 1, loss_bad, norm)
         if found_inf is None:
             self.scaler.step(self.optimizer)
@@ -233,6 +234,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if found_inf is not None:
+            assert self._buffers is not None  # both come with train.on_nonfinite=skip
             self._buffers.restore(found_inf)
         if self.ema is not None:
             self.ema.update(self.model, found_inf)
@@ -245,11 +247,12 @@ class Trainer:
         contract a GradScaler keeps with fused optimizers (a `found_inf` attribute; the
         gradients are unscaled already, so no `grad_scale`). With fp16 the GradScaler's own
         update() still adjusts the scale from the inf checks of its unscale_()."""
-        self.optimizer.found_inf = found_inf
+        # an attribute of that contract, not of torch.optim.Optimizer's type
+        self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         try:
             self.optimizer.step()
         finally:
-            del self.optimizer.found_inf
+            del self.optimizer.found_inf  # type: ignore[attr-defined]
 
     def _next_batch(self) -> Batch:
         """The next micro-batch, through the batch augmentation: (images, labels or targets)."""
@@ -377,7 +380,8 @@ class Trainer:
             raise ValueError("run_eval: this Trainer has no eval_loader")
         loader = self.eval_loader
         results = {}
-        for name, module in (("eval", self.model), ("eval_ema", self.ema.module if self.ema else None)):
+        ema = self.ema.module if self.ema else None
+        for name, module in (("eval", self.model), ("eval_ema", ema)):
             if module is None:
                 continue
             broadcast_buffers(module, self.env)  # every rank evaluates rank 0's BN statistics

@@ -265,8 +265,9 @@ def peer(args: Namespace) -> Tuple[List[Dict], Dict]:
             for key in whole:
                 _fill(row_of[key], runs[key + ("cspx",)], runs[key + ("timm",)])
             for s in peers:
-                _fill(row_of[(s, "step")], *(_difference(runs[(s, long, t)], runs[(s, short, t)])
-                                             for t in ("cspx", "timm")), per=long - short)
+                cspx_d, timm_d = (_difference(runs[(s, long, t)], runs[(s, short, t)])
+                                  for t in ("cspx", "timm"))
+                _fill(row_of[(s, "step")], cspx_d, timm_d, per=long - short)
             _fill(row_of[("val", "ips")],
                   *(_difference(runs[("val", 2 * IMAGES, t)], runs[("val", IMAGES, t)])
                     for t in ("cspx", "timm")))

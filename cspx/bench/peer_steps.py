@@ -53,7 +53,7 @@ def cspx_steps(recipe: str, overrides: List[str], steps: int) -> Dict[str, List[
     from cspx import precision
     from cspx.config import load_config
     from cspx.data.index import build_index
-    from cspx.data.torch_loader import DeviceFeeder, TrainDataset, _collate
+    from cspx.data.torch_loader import DeviceFeeder, TrainDataset, collate
     from cspx.data.transforms import decode_rgb, sample_seed, seeded
     from cspx.models import create_model
     from cspx.optim import build_optimizer, set_lr
@@ -82,7 +82,7 @@ def cspx_steps(recipe: str, overrides: List[str], steps: int) -> Dict[str, List[
                 img = part(name, stage, img)
             part("seeding", ctx.__exit__, None, None, None)
             samples.append((img, int(index.labels[j]), 0))
-        x, y, _ = part("collate", _collate, samples)
+        x, y, _ = part("collate", collate, samples)
         x, y = part("normalize", feeder, x, y)
         part("bookkeeping", lambda step=step: set_lr(opt, lr_for(cfg, step)))
         out = part("forward", model, x)
@@ -111,7 +111,8 @@ def timm_steps(data: str, model_name: str, batch: int, img_size: int, scale: Lis
     torch.set_num_threads(1)
     dataset = create_dataset("", root=data, split="train", is_training=True)
     # train.py's create_loader -> create_transform, with the flags the peer mode passes
-    tf = create_transform(img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio),
+    (s_lo, s_hi), (r_lo, r_hi) = scale, ratio  # two values each (AugConfig)
+    tf = create_transform(img_size, is_training=True, scale=(s_lo, s_hi), ratio=(r_lo, r_hi),
                           hflip=hflip, color_jitter=0.0, auto_augment=aa or None,
                           interpolation=interpolation, mean=timm.data.IMAGENET_DEFAULT_MEAN,
                           std=timm.data.IMAGENET_DEFAULT_STD, use_prefetcher=False)
@@ -194,7 +195,8 @@ def breakdown(setting: str, cspx_spec: Dict, timm_argv: List[str], data: str, st
              "timm": lambda p: "main" if p in MAIN else "workers"}
     parts = list(dict.fromkeys([*got["cspx"], *got["timm"]]))
     parts.sort(key=lambda p: p in MAIN)  # the data parts first, as a step sees them
-    rows, totals = [], {}
+    rows: List[Dict] = []
+    totals: Dict[str, Dict[str, List[float]]] = {}  # place -> tool -> [ms, faults]
     for part in parts:
         row = {"setting": setting, "part": part}
         for tool in ("cspx", "timm"):

@@ -54,8 +54,8 @@ def latest_valid(files: CheckpointFiles) -> Optional[Tuple[str, Dict[str, Any]]]
         if ident is None or ident in seen:
             continue
         seen.add(ident)
-        also = [n for n, i in links.items() if i == ident and n != os.path.basename(path)]
-        also = f" (also named {' and '.join(also)})" if also else ""
+        names = [n for n, i in links.items() if i == ident and n != os.path.basename(path)]
+        also = f" (also named {' and '.join(names)})" if names else ""
         try:
             state = load(path)
         except CorruptCheckpoint as e:

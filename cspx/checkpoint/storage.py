@@ -18,7 +18,7 @@ import errno
 import os
 import re
 import shutil
-from typing import Any, Dict, Iterable, List, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -66,16 +66,17 @@ def load(path: str) -> Dict[str, Any]:
     return state
 
 
-def _os_error(e: BaseException):
+def _os_error(e: BaseException) -> Optional[OSError]:
     """The OSError behind a failed write: `e` itself, or the one a RuntimeError of torch.save's
     zip writer was raised while handling (a failed write of the file object leaves the writer's
     end-of-file record with "unexpected pos"); None if there is none."""
     seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
     return None
 
 

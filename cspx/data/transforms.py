@@ -16,7 +16,7 @@ import hashlib
 import io
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -176,9 +176,10 @@ class TrainTransform:
         return F.adjust_brightness(img, _darknet_scale(self.aug.exposure))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        x: Any = img  # a PIL image through the stages, a tensor after the last one
         for _, step in self.steps:
-            img = step(img)
-        return img
+            x = step(x)
+        return x
 
 
 def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
