@@ -53,8 +53,8 @@ def _faults_per_step(steps: int = 6):
 
 
 def _worker(q) -> None:
-    from cspx.data.torch_loader import _worker_init
-    _worker_init(0)
+    from cspx.data.torch_loader import worker_init
+    worker_init(0)
     # glibc maps only what its heap cannot serve: ask for more than the whole heap inherited
     q.put(_mapped_bytes_of_a_block(_mallinfo2().arena + BIG) >= BIG)
 

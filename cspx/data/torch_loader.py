@@ -95,12 +95,15 @@ class EvalDataset(Dataset):
             return self.blank, -1, i
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
+    """Every DataLoader worker's start (worker_init_fn): one thread, glibc's malloc defaults."""
     torch.set_num_threads(1)  # decoding parallelism comes from the workers themselves
     hostmem.worker_defaults()  # glibc's malloc as a worker needs it, not as the trainer set it
 
 
-def _collate(batch):
+def collate(batch):
+    """The loaders' collate_fn: (images (N,3,H,W) uint8, labels int64 (N,), int64 (N,): the files
+    replaced per sample in training, the sample's index in evaluation)."""
     xs, ys, extra = zip(*batch)
     return (torch.stack(xs), torch.tensor(ys, dtype=torch.int64),
             torch.tensor(extra, dtype=torch.int64))
@@ -108,9 +111,9 @@ def _collate(batch):
 
 def _loader(dataset, workers: int, pin: bool, **kw) -> DataLoader:
     if workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
+        kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=worker_init)
     # its own generator, never torch's global one (module docstring); seeded only to be fixed
-    return DataLoader(dataset, num_workers=workers, pin_memory=pin, collate_fn=_collate,
+    return DataLoader(dataset, num_workers=workers, pin_memory=pin, collate_fn=collate,
                       generator=torch.Generator().manual_seed(0), **kw)
 
 
