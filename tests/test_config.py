@@ -144,7 +144,7 @@ def test_float_literals_are_numbers_in_files_and_overrides(recipe, tmp_path, tex
     assert load_config(recipe, [f"optim.lr={text}"]).optim.lr == value
     # in lists and optional keys too
     c = load_config(recipe, [f"aug.scale=[{text}, {text}]" if value <= 1 else "aug.scale=[0.5, 1]",
-                             f"train.clip_grad_norm={text}", f"sched.warmup_lr=1e-9"])
+                             f"train.clip_grad_norm={text}", "sched.warmup_lr=1e-9"])
     assert c.train.clip_grad_norm == value and c.sched.warmup_lr == 1e-9
     assert value > 1 or c.aug.scale == (value, value)
 

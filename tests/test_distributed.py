@@ -62,7 +62,8 @@ def test_two_ranks_equal_one_rank_and_accumulation(demo_data, tmp_path):
         assert worst < 1e-5, (other, worst)
     # the data really differed per rank: rank 1's loader position equals rank 0's
     ranks = load(tmp_path / "two/checkpoints/last.pt")["ranks"]
-    assert len(ranks) == 2 and ranks[0]["loader"] == ranks[1]["loader"] == {"kind": "torch", "consumed": 6}
+    assert len(ranks) == 2
+    assert ranks[0]["loader"] == ranks[1]["loader"] == {"kind": "torch", "consumed": 6}
 
 
 def test_distributed_validate_counts_every_image_once(sample_dir, demo_data, tmp_path):
@@ -76,16 +77,19 @@ def test_distributed_validate_counts_every_image_once(sample_dir, demo_data, tmp
     args = ["validate.py", "--checkpoint", str(tmp_path / "w.pt"), "--model", "cspresnext_tiny",
             "--data-dir", sample_dir, "--classes", f"{sample_dir}/synsets.txt", "--img-size", "64",
             "--batch-size", "16", "--workers", "0", "--loader", "torch"]
-    single = run_cli(args + ["--json", str(tmp_path / "1.json"), "--predictions", str(tmp_path / "1.csv")])
+    single = run_cli(args + ["--json", str(tmp_path / "1.json"),
+                             "--predictions", str(tmp_path / "1.csv")])
     assert single.returncode == 0, single.stderr
-    dist = torchrun(args + ["--json", str(tmp_path / "2.json"), "--predictions", str(tmp_path / "2.csv")])
+    dist = torchrun(args + ["--json", str(tmp_path / "2.json"),
+                            "--predictions", str(tmp_path / "2.csv")])
     assert dist.returncode == 0, dist.stderr[-3000:]
     a, b = json.load(open(tmp_path / "1.json")), json.load(open(tmp_path / "2.json"))
     assert a["count"] == b["count"] == 105
     assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
     assert b["settings"]["world_size"] == 2
-    rows_a, rows_b = list(csv.reader(open(tmp_path / "1.csv"))), list(csv.reader(open(tmp_path / "2.csv")))
+    rows_a = list(csv.reader(open(tmp_path / "1.csv")))
+    rows_b = list(csv.reader(open(tmp_path / "2.csv")))
     assert len(rows_b) == 106 and [r[:3] for r in rows_a] == [r[:3] for r in rows_b]
     assert len({r[0] for r in rows_b[1:]}) == 105
 
@@ -108,8 +112,9 @@ def _worker_pids(parent):
 
 
 def _start(args):
-    return subprocess.Popen(TORCHRUN + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.Popen(TORCHRUN + args, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def _wait_checkpoint(run_dir, proc, min_step=1, timeout=240):

@@ -17,7 +17,8 @@ SMALL = ["aug.img_size=32", "eval.img_size=32", "train.batch_size=16", "sched.bu
 
 
 def args(run_dir, data, *extra):
-    return ["train.py", "--recipe", "recipes/demo.yaml", f"run.dir={run_dir}", f"data.root={data}", *extra]
+    return ["train.py", "--recipe", "recipes/demo.yaml", f"run.dir={run_dir}",
+            f"data.root={data}", *extra]
 
 
 def metrics(run_dir):
@@ -36,7 +37,8 @@ def test_demo_learns_and_validate_agrees(demo_data, tmp_path):
     assert ev[-1]["top1"] >= 80.0, ev           # chance is 10%; the full demo reaches >= 90%
     assert [m["kind"] for m in metrics(run_dir)].count("eval_ema") == 2
     # the run folder: resolved config, provenance, log, TensorBoard, checkpoints
-    for name in ("config.yaml", "provenance.json", "train.log", "metrics.jsonl", "checkpoints/last.pt",
+    for name in ("config.yaml", "provenance.json", "train.log", "metrics.jsonl",
+                 "checkpoints/last.pt",
                  "checkpoints/best.pt"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tb").iterdir())
@@ -88,7 +90,8 @@ def test_bad_files_never_crash_a_run(demo_data, tmp_path):
     r = run_cli(args(tmp_path / "run", data, *SMALL, "train.batch_size=7", "train.steps=6",
                      "eval.every_steps=0", "data.synthetic=false", "run.tensorboard=false"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"excluding 3 files: .*empty.JPEG \(empty file\).*notes.JPEG \(not an image", r.stderr)
+    assert re.search(r"excluding 3 files: .*empty.JPEG \(empty file\).*notes.JPEG "
+                     r"\(not an image", r.stderr)
     assert "truncated.JPEG (truncated JPEG" in r.stderr
     assert "corrupt.JPEG: cannot decode" in r.stderr and "replaced by the next file" in r.stderr
     m = [x for x in metrics(tmp_path / "run") if x["kind"] == "train"]
@@ -172,7 +175,8 @@ def test_out_of_memory_is_one_clear_message(demo_data, tmp_path, monkeypatch, ca
         m.forward = boom
         return m
     monkeypatch.setattr(run, "create_model", oom_model)
-    code = main(args(tmp_path / "run", demo_data, *SMALL, "train.steps=3", "run.tensorboard=false")[1:])
+    code = main(args(tmp_path / "run", demo_data, *SMALL, "train.steps=3",
+                     "run.tensorboard=false")[1:])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
     assert err.startswith("error: out of memory on cpu with micro-batch 16;")

@@ -66,19 +66,22 @@ def test_validate_with_classes_labels_json_and_csv(sample_dir, tiny_weights, tmp
         wnid = row["path"].split("/")[0]
         assert int(row["label"]) == std[wnid]          # standard ImageNet index of the wnid
         with torch.no_grad():
-            logits = model(tf(Image.open(os.path.join(sample_dir, "val", row["path"])).convert("RGB"))[None])[0]
+            image = Image.open(os.path.join(sample_dir, "val", row["path"])).convert("RGB")
+            logits = model(tf(image)[None])[0]
         probs = logits.softmax(0)
         ref_top = probs.topk(5).indices.tolist()
         assert [int(t) for t in row["top5"].split()] == ref_top
         p = [float(v) for v in row["top5_prob"].split()]
         # 6 printed decimals (5e-7) plus fp32 convolutions picking other kernels at batch 20 than
         # at batch 1 (relative 1e-6 on the logits): 1e-5 absolute
-        assert p == sorted(p, reverse=True) and p == pytest.approx(probs[ref_top].tolist(), abs=1e-5)
+        assert p == sorted(p, reverse=True)
+        assert p == pytest.approx(probs[ref_top].tolist(), abs=1e-5)
         top1 += ref_top[0] == std[wnid]
         top5 += std[wnid] in ref_top
         tops.add(ref_top[0])
     assert len(tops) > 10, "predictions should vary across images"
-    assert res["top1"] == pytest.approx(100 * top1 / 105) and res["top5"] == pytest.approx(100 * top5 / 105)
+    assert res["top1"] == pytest.approx(100 * top1 / 105)
+    assert res["top5"] == pytest.approx(100 * top5 / 105)
 
 
 def test_validate_without_classes_uses_sorted_folders(sample_dir, tiny_weights, tmp_path):
@@ -126,7 +129,8 @@ def test_validate_bad_input_one_line_exit_2(sample_dir, tiny_weights, tmp_path, 
         ck, expect = path, "cspresnext50"          # tiny weights into the default cspresnext50
     else:
         ck, data, expect = path, str(tmp_path / "nowhere"), "nowhere"
-    args = ["validate.py", "--checkpoint", ck, "--data-dir", data, "--workers", "0", "--loader", "torch"]
+    args = ["validate.py", "--checkpoint", ck, "--data-dir", data, "--workers", "0",
+            "--loader", "torch"]
     if case != "other_arch":
         args += ["--model", "cspresnext_tiny"]
     # in this process, but one case as a process of its own: nothing else printed at start-up
