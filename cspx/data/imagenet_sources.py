@@ -250,4 +250,5 @@ def location(item: object, tar_path: Optional[str]) -> Location:
     """Where a val_sources item's bytes are."""
     if tar_path is None:
         return str(item), 0, -1
-    return tar_path, item.offset_data, item.size  # type: ignore[attr-defined]
+    assert isinstance(item, tarfile.TarInfo)  # from a val tar, val_sources lists its members
+    return tar_path, item.offset_data, item.size

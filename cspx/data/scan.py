@@ -95,7 +95,8 @@ def check_bytes(data: bytes) -> Optional[str]:
     reason = _verdict(len(data), data[:16], data[-TAIL_BYTES:])
     if reason is not None:
         return reason
-    return _decode(io.BytesIO(data), {"reason": None})["reason"]  # type: ignore[return-value]
+    decoded = _decode(io.BytesIO(data), {"reason": None})["reason"]
+    return None if decoded is None else str(decoded)
 
 
 def _quick(args: Tuple[str, str]) -> Tuple[str, Optional[str]]:
