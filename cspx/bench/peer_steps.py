@@ -162,7 +162,10 @@ def timm_spec(argv: List[str], data: str, steps: int) -> Dict:
             f[key] = []
         elif key is not None:
             f[key].append(a)
-    one = lambda k: float(f[k][0])  # noqa: E731
+
+    def one(k: str) -> float:  # a flag's single number
+        return float(f[k][0])
+
     return dict(data=data, model_name=f["--model"][0], batch=int(f["-b"][0]),
                 img_size=int(f["--img-size"][0]), scale=[float(x) for x in f["--scale"]],
                 ratio=[float(x) for x in f["--ratio"]], hflip=one("--hflip"),
