@@ -139,7 +139,7 @@ def _entry(script):
     """The main(argv) -> exit code that `python <script>` runs."""
     import importlib
     import importlib.util
-    if script in ("train.py", "validate.py"):
+    if script in ("train.py", "validate.py", "predict.py"):
         return importlib.import_module(f"cspx.cli.{script[:-3]}").main
     from cspx.errors import run_cli as wrap
     name = "cspx_script_" + os.path.basename(script)[:-3]
@@ -150,7 +150,7 @@ def _entry(script):
     return lambda argv: wrap(sys.modules[name].main, argv)
 
 
-def run_cli(args, cwd=ROOT, env=None, threads=None):
+def run_main(args, cwd=ROOT, env=None, threads=None):
     """`python <args>` for train.py, validate.py or a scripts/*.py (args[0]), run in this process
     through its main, where the test is not about the process itself: a Python + torch start
     costs about 3 s. Returns a CompletedProcess with the command's returncode, stdout and

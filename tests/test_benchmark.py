@@ -13,7 +13,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from conftest import ROOT, run_py
+from conftest import ROOT, run_main
 
 CPU = torch.device("cpu")
 
@@ -29,8 +29,8 @@ def bench_args(**over):
 def test_augment_mode_times_every_augmentation(sample_dir, tmp_path):
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "aug.json"
-    r = run_py(["scripts/benchmark.py", "augment", "--data", os.path.join(sample_dir, "val"),
-                "--batch", "8", "--rounds", "1", "--device", "cpu", "--json", str(out)])
+    r = run_main(["scripts/benchmark.py", "augment", "--data", os.path.join(sample_dir, "val"),
+                 "--batch", "8", "--rounds", "1", "--device", "cpu", "--json", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     ops = [row["op"] for row in res["rows"]]
@@ -165,9 +165,9 @@ def test_evaldiff_mode_compares_dali_eval_pipelines_with_pil(sample_dir, tmp_pat
     """The command behind docs/dali.md's DALI-vs-PIL table (there at 224 px and 3 seeds)."""
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "ev.json"
-    r = run_py(["scripts/benchmark.py", "evaldiff", "--data", os.path.join(sample_dir, "val"),
-                "--img-size", "64", "--rounds", "1",
-                "--workers", "2", "--batch", "35", "--json", str(out)])
+    r = run_main(["scripts/benchmark.py", "evaldiff", "--data", os.path.join(sample_dir, "val"),
+                 "--img-size", "64", "--rounds", "1",
+                 "--workers", "2", "--batch", "35", "--json", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["pipeline"]: row for row in json.loads(out.read_text())["rows"]}
     cspx, naive = rows["cspx DALI eval, bilinear"], rows[

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, run_py
+from conftest import ROOT, run_main, run_py
 from cspx import configio
 from cspx.config import Config, load_config
 from cspx.errors import CspxError
@@ -178,9 +178,9 @@ def test_cli_bad_recipe_is_one_line_exit_2(tmp_path, recipe):
     assert r.stderr.strip() == "error: command line: optim.momentum: must be in [0, 1), got 2.0"
     assert "Traceback" not in r.stderr
     # the same entry point in this process (the one above is a process of its own)
-    r = run_cli(["train.py", "--recipe", str(tmp_path / "missing.yaml")])
+    r = run_main(["train.py", "--recipe", str(tmp_path / "missing.yaml")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.yaml" in r.stderr
-    r = run_cli(["train.py", "--recipe", recipe, "optim.momentum=2", "--verbose"])
+    r = run_main(["train.py", "--recipe", recipe, "optim.momentum=2", "--verbose"])
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli, tree_digest
+from conftest import run_main, tree_digest
 
 
 @pytest.fixture
@@ -45,8 +45,8 @@ def test_demo_recipe_never_touches_a_users_data_root(users_folder, tmp_path, emp
     root.mkdir(exist_ok=True)
     before = tree_digest(root)
     siblings = sorted(os.listdir(root.parent))
-    r = run_cli(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={root}",
-                f"run.dir={tmp_path / 'run'}"])
+    r = run_main(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={root}",
+                 f"run.dir={tmp_path / 'run'}"])
     line = one_error_line(r)
     assert line.startswith(f"error: data.root: {root} exists and is not a cspx demo dataset")
     assert "nothing in it was touched" in line and "data.synthetic=false" in line
@@ -57,8 +57,8 @@ def test_demo_recipe_never_touches_a_users_data_root(users_folder, tmp_path, emp
 
 def test_run_dir_that_is_a_users_folder_is_refused(users_folder, demo_data, tmp_path):
     before = tree_digest(users_folder)
-    r = run_cli(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={demo_data}",
-                f"run.dir={users_folder}", "train.steps=2", "data.workers=0"])
+    r = run_main(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={demo_data}",
+                 f"run.dir={users_folder}", "train.steps=2", "data.workers=0"])
     line = one_error_line(r)
     assert line.startswith(f"error: run.dir: {users_folder} is not empty and was not made by cspx")
     assert tree_digest(users_folder) == before
@@ -69,8 +69,8 @@ def test_prepare_imagenet_refuses_a_users_out(users_folder, tmp_path):
     (src / "n00000001").mkdir(parents=True)
     (src / "n00000001" / "a.JPEG").write_bytes(b"\xff\xd8\xff" + b"0" * 100 + b"\xff\xd9")
     before = tree_digest(users_folder)
-    r = run_cli(["scripts/prepare_imagenet.py", "--train", str(src), "--out", str(users_folder),
-                "--no-verify"])
+    r = run_main(["scripts/prepare_imagenet.py", "--train", str(src), "--out", str(users_folder),
+                 "--no-verify"])
     line = one_error_line(r)
     assert line.startswith(f"error: --out: {users_folder} is not empty and was not made by cspx")
     assert tree_digest(users_folder) == before
@@ -84,15 +84,15 @@ def test_check_dataset_replaces_only_its_own_exclusion_list(users_folder, tmp_pa
     before = tree_digest(lists)
     args = ["scripts/check_dataset.py", str(users_folder), "--workers", "1", "--write-exclude",
             str(mine)]
-    line = one_error_line(run_cli(args))
+    line = one_error_line(run_main(args))
     assert line.startswith(f"error: --write-exclude: {mine} already exists and was not written "
                            f"by this tool") and "--force" in line
     assert tree_digest(lists) == before
     # a list the script wrote itself is its own to replace; --force replaces any file
     ours = lists / "ours.txt"
-    assert run_cli(args[:-1] + [str(ours)]).returncode == 0
-    assert run_cli(args[:-1] + [str(ours)]).returncode == 0
-    assert run_cli(args + ["--force"]).returncode == 0
+    assert run_main(args[:-1] + [str(ours)]).returncode == 0
+    assert run_main(args[:-1] + [str(ours)]).returncode == 0
+    assert run_main(args + ["--force"]).returncode == 0
     assert mine.read_text().startswith("# written by scripts/check_dataset.py")
 
 
@@ -132,16 +132,16 @@ def test_export_replaces_only_its_own_files(tiny_weights, tmp_path):
 def test_validate_outputs_overwrite_only_the_named_files(tiny_weights, users_folder, tmp_path):
     """--json and --predictions are output flags: replacing the named file is their documented
     job (see --help); nothing else in the folder changes."""
-    help_text = run_cli(["validate.py", "--help"]).stdout
+    help_text = run_main(["validate.py", "--help"]).stdout
     assert help_text.count("overwritten") == 2
     out = tmp_path / "results"
     out.mkdir()
     (out / "keep.txt").write_text("keep me")
     (out / "r.json").write_text("old")
     before = tree_digest(out)
-    r = run_cli(["validate.py", "--checkpoint", tiny_weights, "--model", "cspresnext_tiny",
-                "--data-dir", str(users_folder), "--workers", "0", "--json", str(out / "r.json"),
-                "--predictions", str(out / "p.csv")])
+    r = run_main(["validate.py", "--checkpoint", tiny_weights, "--model", "cspresnext_tiny",
+                 "--data-dir", str(users_folder), "--workers", "0", "--json", str(out / "r.json"),
+                 "--predictions", str(out / "p.csv")])
     assert r.returncode == 0, r.stderr[-1500:]
     after = tree_digest(out)
     assert (out / "r.json").read_text().startswith("{")
@@ -154,8 +154,8 @@ def test_benchmark_scratch_folders_hold_only_what_the_benchmark_made(users_folde
     """checkpoint --out-dir writes and removes a folder of its own inside the user's; --make-data
     only ever fills a folder that is new or its own (a user's folder is refused)."""
     before = tree_digest(users_folder)
-    r = run_cli(["scripts/benchmark.py", "checkpoint", "--model", "cspresnext_tiny", "--device",
-                "cpu", "--rounds", "1", "--out-dir", str(users_folder)])
+    r = run_main(["scripts/benchmark.py", "checkpoint", "--model", "cspresnext_tiny", "--device",
+                 "cpu", "--rounds", "1", "--out-dir", str(users_folder)])
     assert r.returncode == 0, r.stderr[-1500:]
     assert tree_digest(users_folder) == before
     from cspx.bench.common import make_jpegs

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 from test_resume import assert_same_tensors, load, steps_saved
 
 pytestmark = pytest.mark.slow
@@ -45,10 +45,10 @@ def test_two_ranks_equal_one_rank_and_accumulation(demo_data, tmp_path):
     # reduction order by thread count, and while the backbone is frozen 2 threads put the
     # runs 3e-5 apart after 6 steps; at one thread each the runs differ only by float sum order
     # (the one-process runs in this process, at one torch thread)
-    one = run_cli(recipe(tmp_path / "one", demo_data, *common), threads=1)
+    one = run_main(recipe(tmp_path / "one", demo_data, *common), threads=1)
     assert one.returncode == 0, one.stderr
-    acc = run_cli(recipe(tmp_path / "acc", demo_data, *common, "train.accum_steps=2"),
-                  threads=1)
+    acc = run_main(recipe(tmp_path / "acc", demo_data, *common, "train.accum_steps=2"),
+                   threads=1)
     assert acc.returncode == 0, acc.stderr
     two = torchrun(recipe(tmp_path / "two", demo_data, *common))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -77,8 +77,8 @@ def test_distributed_validate_counts_every_image_once(sample_dir, demo_data, tmp
     args = ["validate.py", "--checkpoint", str(tmp_path / "w.pt"), "--model", "cspresnext_tiny",
             "--data-dir", sample_dir, "--classes", f"{sample_dir}/synsets.txt", "--img-size", "64",
             "--batch-size", "16", "--workers", "0", "--loader", "torch"]
-    single = run_cli(args + ["--json", str(tmp_path / "1.json"),
-                             "--predictions", str(tmp_path / "1.csv")])
+    single = run_main(args + ["--json", str(tmp_path / "1.json"),
+                              "--predictions", str(tmp_path / "1.csv")])
     assert single.returncode == 0, single.stderr
     dist = torchrun(args + ["--json", str(tmp_path / "2.json"),
                             "--predictions", str(tmp_path / "2.csv")])

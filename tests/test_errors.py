@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 from cspx.data.index import FolderSplit
 from cspx.errors import CspxError
 
@@ -111,7 +111,7 @@ def test_dry_run_finds_a_dataset_smaller_than_one_batch(sample_dir, tmp_path, lo
     os.makedirs(data)
     os.symlink(os.path.join(sample_dir, "val"), data / "train")
     os.symlink(os.path.join(sample_dir, "val"), data / "val")
-    r = run_cli(["train.py", "--recipe", "recipes/cspresnext50_ra.yaml", f"data.root={data}",
+    r = run_main(["train.py", "--recipe", "recipes/cspresnext50_ra.yaml", f"data.root={data}",
                  f"data.loader={loader}", f"data.classes={sample_dir}/synsets.txt", "--dry-run"])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
@@ -134,7 +134,7 @@ def test_empty_or_partial_recipe_is_refused(tmp_path, text):
     """It does not quietly train the defaults' model on the defaults' data path."""
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    r = run_cli(["train.py", "--recipe", str(path)])
+    r = run_main(["train.py", "--recipe", str(path)])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip()
     assert line.startswith(f"error: {path}: the recipe does not set ") and "\n" not in line

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tree_digest
+from conftest import ROOT, run_main, tree_digest
 
 TINY = ["train.steps=24", "sched.burn_in=4", "train.batch_size=16", "train.accum_steps=2",
         "aug.img_size=32", "eval.img_size=32", "eval.every_steps=12", "eval.batch_size=100",
@@ -111,7 +111,7 @@ def reference(demo_data, workdir):
     def get(*extra):
         if extra not in cache:
             run_dir = fresh_run_dir(workdir)
-            r = run_cli(recipe_args(run_dir, demo_data, *extra))
+            r = run_main(recipe_args(run_dir, demo_data, *extra))
             assert r.returncode == 0, r.stdout + r.stderr
             cache[extra] = str(workdir / f"ref-{len(cache)}")
             os.rename(run_dir, cache[extra])
@@ -161,7 +161,7 @@ def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, workdir, 
         assert proc.returncode == -signal.SIGKILL, out[-2000:]
         assert max(steps_saved(run_dir)) < 24
     # the last leg, which only reads what the killed processes left, runs in this process
-    r = run_cli(recipe_args(run_dir, demo_data, *extra) + ["--resume", "auto"])
+    r = run_main(recipe_args(run_dir, demo_data, *extra) + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stderr
     check_equal_runs(ref, run_dir)
@@ -189,7 +189,7 @@ def test_sigterm_saves_and_exits_0_then_resumes_exactly(demo_data, reference, wo
     assert "SIGTERM received" in out and "resume with:" in out and "--resume auto" in out
     stopped = load(f"{run_dir}/checkpoints/last.pt")["progress"]["step"]
     assert 0 < stopped < 24 and stopped in steps_saved(run_dir)
-    r = run_cli(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
+    r = run_main(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr
     assert f"(step {stopped})" in r.stderr
     check_equal_runs(ref, run_dir)
@@ -204,7 +204,7 @@ def test_second_job_on_a_live_run_dir_is_refused(demo_data, reference, workdir):
     wait_first_checkpoint(first, run_dir)
     first.send_signal(signal.SIGSTOP)  # paused, so it surely still holds run.dir meanwhile
     try:
-        second = run_cli(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
+        second = run_main(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr
@@ -238,7 +238,7 @@ def test_truncated_last_falls_back_and_pruning(demo_data, reference, workdir):
     for name in ("last.pt", "step_00000024.pt"):  # one file under two names in a real run dir
         with open(os.path.join(ck, name), "r+b") as f:
             f.truncate(size // 2)
-    r = run_cli(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
+    r = run_main(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr
     assert "skipping invalid checkpoint" in r.stderr and "last.pt" in r.stderr
     assert "step_00000021.pt (step 21)" in r.stderr
@@ -248,14 +248,14 @@ def test_truncated_last_falls_back_and_pruning(demo_data, reference, workdir):
 def test_recipe_mismatch_is_refused_unless_forced(demo_data, reference, workdir):
     run_dir = copy_of(reference("data.workers=0"), workdir)
     base = recipe_args(run_dir, demo_data, "data.workers=0")
-    r = run_cli(base + ["optim.lr=0.2", "train.steps=30", "--resume", "auto"])
+    r = run_main(base + ["optim.lr=0.2", "train.steps=30", "--resume", "auto"])
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot resume exactly") and "optim.lr (0.1 -> 0.2)" in line
     assert "train.steps (24 -> 30)" in line and "--resume-force" in line
     # logging and eval keys may change freely; more steps with --resume-force continue the run
-    r = run_cli(base + ["train.steps=30", "run.log_every_steps=3", "eval.every_steps=0",
-                       "--resume", "auto", "--resume-force"])
+    r = run_main(base + ["train.steps=30", "run.log_every_steps=3", "eval.every_steps=0",
+                         "--resume", "auto", "--resume-force"])
     assert r.returncode == 0, r.stderr
     assert load(f"{run_dir}/checkpoints/last.pt")["progress"]["step"] == 30
 
@@ -263,7 +263,7 @@ def test_recipe_mismatch_is_refused_unless_forced(demo_data, reference, workdir)
 def test_fresh_start_never_overwrites_a_run(demo_data, reference, workdir):
     run_dir = copy_of(reference("data.workers=0"), workdir)
     before = tree_digest(run_dir)
-    r = run_cli(recipe_args(run_dir, demo_data, "data.workers=0"))
+    r = run_main(recipe_args(run_dir, demo_data, "data.workers=0"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: run.dir: {run_dir} already holds checkpoints (newest: step 24); pass --resume "
@@ -273,7 +273,7 @@ def test_fresh_start_never_overwrites_a_run(demo_data, reference, workdir):
     assert after.pop("./.cspx-lock") and before.pop("./.cspx-lock")
     assert after == before
     # resuming a finished run is a no-op that reports the result again
-    r = run_cli(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
+    r = run_main(recipe_args(run_dir, demo_data, "data.workers=0") + ["--resume", "auto"])
     assert r.returncode == 0 and "done: 24 steps" in r.stderr, r.stderr[-2000:]
     assert [m["step"] for m in metrics(run_dir)] == list(range(2, 25, 2))
 
@@ -293,8 +293,8 @@ def test_checkpoint_of_cspx_0_1_0_resumes_and_evaluates(demo_data, tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
     (run_dir / "provenance.json").write_text(json.dumps({"cspx": "0.1.0"}))
     # the recipe: what the old run saved, at this machine's paths
-    r = run_cli(["train.py", "--recipe", str(run_dir / "config.yaml"), f"run.dir={run_dir}",
-                f"data.root={demo_data}", "--resume", "auto"])
+    r = run_main(["train.py", "--recipe", str(run_dir / "config.yaml"), f"run.dir={run_dir}",
+                 f"data.root={demo_data}", "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr and "(step 4)" in r.stderr
     new = load(run_dir / "checkpoints" / "last.pt")
@@ -307,8 +307,8 @@ def test_checkpoint_of_cspx_0_1_0_resumes_and_evaluates(demo_data, tmp_path):
     assert [g["name"] for g in new["optimizer"]["param_groups"]] == ["decay", "no_decay"]
     assert [m["step"] for m in metrics(str(run_dir))] == [6, 8]
     # the old file itself evaluates with validate.py (its model name and classes are recorded)
-    v = run_cli(["validate.py", "--checkpoint", old, "--data-dir", demo_data, "--img-size", "32",
-                "--classes", os.path.join(demo_data, "synsets.txt"), "--workers", "0"])
+    v = run_main(["validate.py", "--checkpoint", old, "--data-dir", demo_data, "--img-size", "32",
+                 "--classes", os.path.join(demo_data, "synsets.txt"), "--workers", "0"])
     assert v.returncode == 0, v.stderr[-2000:]
     assert re.search(r"top-1 \d+\.\d+%  top-5 \d+\.\d+% .* images 300", v.stdout), v.stdout
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_main
 from cspx.config import AugConfig, Config, DataConfig
 from cspx.data import shard_format as sh
 from cspx.data.build import build_splits, open_shards
@@ -211,7 +211,7 @@ def test_validate_on_shards_gives_the_folder_predictions(
                                ("shards", sample_shards_root, "torch"),
                                ("dali", sample_shards_root, "dali")):
         pred = tmp_path / f"{name}.csv"
-        r = run_cli(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny",
+        r = run_main(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny",
                      "--data-dir", data, "--img-size", "64", "--batch-size", "21", "--workers",
                      "1", "--loader", loader, "--predictions", str(pred),
                      "--classes", os.path.join(sample_dir, "synsets.txt")])
@@ -285,7 +285,7 @@ def test_undecodable_sample_replaced_named_and_counted(damaged, caplog):
 
 
 def dry_run(data, *extra):
-    return run_cli(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={data}",
+    return run_main(["train.py", "--recipe", "recipes/demo.yaml", f"data.root={data}",
                     "data.synthetic=false", "run.dir=unused", *extra, "--dry-run"])
 
 

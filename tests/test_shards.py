@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_py
+from conftest import run_main
 from cspx.data import shard_format as sh
 from cspx.data.shard_reader import ShardSplit
 from cspx.data.shard_writer import index_of_tar
@@ -264,7 +264,7 @@ def test_refuses_a_non_empty_folder_it_did_not_create(small, tmp_path):
     (out / "notes.txt").write_text("my notes\n")
     (out / "train" / "train-000000.tar").write_bytes(b"precious")
     before = tree_hashes(out)
-    r = run_py(["scripts/make_shards.py", str(small), str(out), *map(str, SMALL)], timeout=120)
+    r = run_main(["scripts/make_shards.py", str(small), str(out), *map(str, SMALL)])
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: OUT: ") and "not empty" in err[0]

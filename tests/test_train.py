@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 
 SMALL = ["aug.img_size=32", "eval.img_size=32", "train.batch_size=16", "sched.burn_in=2",
          "data.workers=0", "run.log_every_steps=1"]
@@ -29,8 +29,8 @@ def metrics(run_dir):
 def test_demo_learns_and_validate_agrees(demo_data, tmp_path):
     """A shortened demo (200 of its 500 steps, 48 px) still learns the synthetic classes."""
     run_dir = tmp_path / "demo"
-    r = run_cli(args(run_dir, demo_data, "train.steps=200", "sched.burn_in=20", "aug.img_size=48",
-                     "eval.img_size=48", "eval.every_steps=100", "checkpoint.every_steps=100"))
+    r = run_main(args(run_dir, demo_data, "train.steps=200", "sched.burn_in=20", "aug.img_size=48",
+                      "eval.img_size=48", "eval.every_steps=100", "checkpoint.every_steps=100"))
     assert r.returncode == 0, r.stderr[-3000:]
     ev = [m for m in metrics(run_dir) if m["kind"] == "eval"]
     assert [m["step"] for m in ev] == [100, 200]
@@ -59,8 +59,8 @@ def test_demo_learns_and_validate_agrees(demo_data, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_amp_steps_run_on_cpu(demo_data, tmp_path, precision):
-    r = run_cli(args(tmp_path / precision, demo_data, *SMALL, f"train.precision={precision}",
-                     "train.steps=3", "eval.every_steps=0", "run.tensorboard=false"))
+    r = run_main(args(tmp_path / precision, demo_data, *SMALL, f"train.precision={precision}",
+                      "train.steps=3", "eval.every_steps=0", "run.tensorboard=false"))
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(tmp_path / precision / "checkpoints/last.pt", weights_only=True)
     assert ck["config"]["train"]["precision"] == precision
@@ -87,8 +87,8 @@ def test_bad_files_never_crash_a_run(demo_data, tmp_path):
     # passes the quick scan (JPEG markers at both ends) but does not decode
     (bad / "corrupt.JPEG").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(3000) + b"\xff\xd9")
     # 21 readable-looking files, batch 7: every epoch visits all of them
-    r = run_cli(args(tmp_path / "run", data, *SMALL, "train.batch_size=7", "train.steps=6",
-                     "eval.every_steps=0", "data.synthetic=false", "run.tensorboard=false"))
+    r = run_main(args(tmp_path / "run", data, *SMALL, "train.batch_size=7", "train.steps=6",
+                      "eval.every_steps=0", "data.synthetic=false", "run.tensorboard=false"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"excluding 3 files: .*empty.JPEG \(empty file\).*notes.JPEG "
                      r"\(not an image", r.stderr)
@@ -100,7 +100,7 @@ def test_bad_files_never_crash_a_run(demo_data, tmp_path):
 
 def test_dry_run_prints_the_plan(small_imagenet, tmp_path):
     data = small_imagenet
-    r = run_cli(["train.py", "--recipe", "recipes/cspresnext50_ra.yaml", f"data.root={data}",
+    r = run_main(["train.py", "--recipe", "recipes/cspresnext50_ra.yaml", f"data.root={data}",
                  f"run.dir={tmp_path / 'run'}", "--dry-run"])
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -190,10 +190,10 @@ def test_init_from_drops_a_mismatched_classifier(demo_data, tmp_path):
     torch.manual_seed(5)
     src = create_model("cspresnext_tiny", num_classes=1000)
     torch.save(src.state_dict(), tmp_path / "w1000.pth")
-    r = run_cli(args(tmp_path / "run", demo_data, *SMALL,
-                     f"model.init_from={tmp_path / 'w1000.pth'}", "train.steps=3",
-                     "optim.lr=1.0e-9", "sched.burn_in=0", "eval.every_steps=0",
-                     "ema.enabled=false", "run.tensorboard=false"))
+    r = run_main(args(tmp_path / "run", demo_data, *SMALL,
+                      f"model.init_from={tmp_path / 'w1000.pth'}", "train.steps=3",
+                      "optim.lr=1.0e-9", "sched.burn_in=0", "eval.every_steps=0",
+                      "ema.enabled=false", "run.tensorboard=false"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dropped classifier: checkpoint has 1000 classes, model has 10" in r.stderr
     got = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli, run_py
+from conftest import run_main, run_py
 
 
 def synsets(sample_dir):
@@ -40,7 +40,7 @@ def test_torch_eval_tensors_equal_timm_transform(sample_dir):
 def test_validate_with_classes_labels_json_and_csv(sample_dir, tiny_weights, tmp_path):
     path, model = tiny_weights
     js, pred = tmp_path / "r.json", tmp_path / "p.csv"
-    r = run_cli(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny",
+    r = run_main(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny",
                  "--data-dir", sample_dir, "--classes", f"{sample_dir}/synsets.txt",
                  "--img-size", "64", "--batch-size", "20", "--workers", "0", "--loader", "torch",
                  "--json", str(js), "--predictions", str(pred)])
@@ -87,7 +87,7 @@ def test_validate_with_classes_labels_json_and_csv(sample_dir, tiny_weights, tmp
 def test_validate_without_classes_uses_sorted_folders(sample_dir, tiny_weights, tmp_path):
     path, _ = tiny_weights
     pred = tmp_path / "p.csv"
-    r = run_cli(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny", "--data-dir",
+    r = run_main(["validate.py", "--checkpoint", path, "--model", "cspresnext_tiny", "--data-dir",
                  f"{sample_dir}/val", "--img-size", "32", "--workers", "0", "--loader", "torch",
                  "--limit", "30", "--predictions", str(pred)])
     assert r.returncode == 0, r.stderr
@@ -102,7 +102,7 @@ def test_validate_timm_cspresnext50_state_dict(sample_dir, tmp_path):
     import timm
     torch.manual_seed(0)
     torch.save(timm.create_model("cspresnext50").state_dict(), tmp_path / "timm.pth")
-    r = run_cli(["validate.py", "--checkpoint", str(tmp_path / "timm.pth"),
+    r = run_main(["validate.py", "--checkpoint", str(tmp_path / "timm.pth"),
                  "--data-dir", sample_dir, "--classes", f"{sample_dir}/synsets.txt",
                  "--limit", "24", "--batch-size", "12", "--workers", "0", "--loader", "torch",
                  "--json", str(tmp_path / "r.json")])
@@ -134,7 +134,7 @@ def test_validate_bad_input_one_line_exit_2(sample_dir, tiny_weights, tmp_path, 
     if case != "other_arch":
         args += ["--model", "cspresnext_tiny"]
     # in this process, but one case as a process of its own: nothing else printed at start-up
-    r = (run_py if case == "missing" else run_cli)(args)
+    r = (run_py if case == "missing" else run_main)(args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
