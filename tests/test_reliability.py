@@ -186,10 +186,10 @@ def test_dead_agent_then_dead_rank_under_restarts(demo_data, tmp_path_factory):
     assert took is not None, f"orphans left after 10 s: {[p for p in procs if _alive(p)]}"
     assert out.count("the torchrun agent") == 2, out[-3000:]
     assert _lock_free(run_dir)
-    # the newest complete checkpoint last.pt names (a step file written just before the kill
-    # may not be linked yet)
-    killed_at = load(run_dir / "checkpoints/last.pt")["progress"]["step"]
-    assert killed_at < 40
+    # the newest step file, which --resume auto continues from: saves are atomic, so a step
+    # file is whole, while last.pt may not be linked yet to one written just before the kill
+    killed_at = max(steps_saved(str(run_dir)))
+    assert load(run_dir / "checkpoints/last.pt")["progress"]["step"] <= killed_at < 40
 
     # 2. resubmitted with restarts; rank 0 (lock holder, checkpoint writer) dies
     job = _start(["--max-restarts=1", *recipe(run_dir, demo_data, *COMMON), "--resume", "auto"])

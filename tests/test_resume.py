@@ -160,7 +160,11 @@ def test_sigkill_at_random_steps_resumes_exactly(demo_data, reference, workdir, 
         # the kill landed mid-run: the process died of it, before the run's last step
         assert proc.returncode == -signal.SIGKILL, out[-2000:]
         assert max(steps_saved(run_dir)) < 24
-    # the last leg, which only reads what the killed processes left, runs in this process
+    # the last leg, which only reads what the killed processes left, runs in this process. It
+    # starts in a later second than the last killed process made its TensorBoard file, as any
+    # process (seconds of start-up) would: TensorBoard reads a run's event files in the order
+    # of their names, the second each was made, then the pid (this process's is lower)
+    time.sleep(1 - time.time() % 1)
     r = run_main(recipe_args(run_dir, demo_data, *extra) + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stderr
