@@ -63,6 +63,14 @@ $PY -m cspx.bench.check claim "$OUT" || exit 2
 export TMPDIR="$OUT/tmp" CSPX_CACHE="$OUT/cache" \
   TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" TRITON_CACHE_DIR="$OUT/triton-cache" \
   CUDA_CACHE_PATH="$OUT/cuda-cache" PYTHONUNBUFFERED=1 PIP_NO_INPUT=1
+# ...except where OUT's path is long: the DataLoader's workers pass batches over Unix sockets
+# that multiprocessing makes in TMPDIR (TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX, 32 characters
+# more), and Linux takes at most 107 characters for such a path ("AF_UNIX path too long"); the
+# temp folder then is a short one of gpu_check's own, removed when it ends
+if [ ${#TMPDIR} -gt 70 ]; then
+  TMPDIR=$(mktemp -d /tmp/cspx-gpu-check.XXXXXX) || exit 1
+  trap 'rm -rf "$TMPDIR"' EXIT
+fi
 mkdir -p "$TMPDIR"
 rm -f "$OUT/summary.txt"  # this run's summary (the folder is gpu_check's own: see claim)
 status=0

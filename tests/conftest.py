@@ -13,6 +13,18 @@ SAMPLE = os.path.normpath(os.environ.get("CSPX_SAMPLE_DIR")
                           or os.path.join(ROOT, "..", "shared", "imagenet-sample"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README runs `-n 2`: two worker processes, each given whole test
+    files) every worker and the processes its tests start compute on one thread, so the two
+    workers share 2 cores without 4 threads spinning for them; torch's default would be one
+    thread per core in each. A command's own thread setting (run_main's `threads`, a test's
+    OMP_NUM_THREADS) still applies."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA exists (scripts/gpu_check.sh runs `pytest -m gpu`)."""
     import torch

@@ -35,7 +35,7 @@ def test_ci_blocks_are_intact():
     (demo,) = blocks(text, "<!-- ci:demo -->")
     (tests,) = blocks(text, "<!-- ci:test -->")
     assert demo.endswith("train.py --recipe recipes/demo.yaml --resume auto")
-    assert tests.endswith("-m pytest -q")
+    assert tests.endswith("-m pytest -q -n 2 --dist loadfile")
     # .ci/run's own extraction finds the same test command
     awk = subprocess.run(["awk", "/<!-- ci:test -->/{m=1; next} m && /^```/{if (inblock) exit; "
                           "inblock=1; next} m && inblock {print}", "README.md"], cwd=ROOT,
