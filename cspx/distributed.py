@@ -1,5 +1,6 @@
 """Several processes, from setup to the end of a run: the process group from torchrun's
-environment, and the few collectives setup, the loop and evaluation need.
+environment, the few collectives setup, the loop and evaluation need, and the model's
+DistributedDataParallel wrapper (built, and released where the backbone unfreezes).
 
 Without torchrun (no WORLD_SIZE in the environment) everything here degrades to single-process
 no-ops, so the training loop has one code path.
@@ -7,6 +8,7 @@ no-ops, so the training loop has one code path.
 from __future__ import annotations
 
 import datetime
+import inspect
 import itertools
 import logging
 import os
@@ -17,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from cspx import watchdog
 from cspx.errors import CspxError
@@ -238,3 +241,28 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _CPU_GROUP = None
+
+
+def wrap_ddp(module: nn.Module, *, env: DistEnv) -> nn.Module:
+    """DistributedDataParallel on `env`'s device, without a buffer sync in the forward pass
+    (`broadcast_buffers=False`, named `forward_sync_buffers` since torch 2.14): DDP would
+    otherwise broadcast rank 0's BatchNorm statistics before every forward pass; cspx
+    broadcasts them once before each evaluation instead (`broadcast_buffers`), which is the only
+    place the ranks' statistics are used."""
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+               inspect.signature(ddp).parameters else "broadcast_buffers")
+    off: Dict[str, Any] = {no_sync: False}
+    return ddp(module, device_ids=ids, gradient_as_bucket_view=True, **off)
+
+
+def release_ddp(module: nn.Module) -> None:
+    """Detach a DistributedDataParallel wrapper (under torch.compile's, if any) from the
+    parameters before a new one is built: its reducer's gradient hooks would otherwise still
+    all-reduce the parameters it had registered."""
+    ddp = getattr(module, "_orig_mod", module)
+    if isinstance(ddp, nn.parallel.DistributedDataParallel):
+        ddp._remove_autograd_hooks()
+        for handle in getattr(ddp, "_accum_grad_hooks", []):
+            handle.remove()

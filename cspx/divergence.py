@@ -176,7 +176,7 @@ class BufferRestore:
             torch.where(cond, saved, live, out=live)
 
 
-def divergence_hint(*, lr: float, clip: Optional[float], precision: str, mode: str) -> str:
+def _hint(*, lr: float, clip: Optional[float], precision: str, mode: str) -> str:
     """What to change, with the values the run has now."""
     clip_now = "off" if clip is None else f"{clip:g}"
     keys = [f"lower optim.lr (now {lr:g})", f"set train.clip_grad_norm (now {clip_now})",
@@ -184,3 +184,20 @@ def divergence_hint(*, lr: float, clip: Optional[float], precision: str, mode: s
     if mode == "stop":
         keys.append("set train.on_nonfinite=skip")
     return ", ".join(keys[:-1]) + " or " + keys[-1]
+
+
+def failure_line(what: str, *, since: int, step: int, newest: Optional[str], is_main: bool,
+                 lr: float, clip: Optional[float], precision: str, mode: str) -> str:
+    """The one line a diverged run ends with: the steps since the last good reading (`since`,
+    exclusive) to `step`, the last good checkpoint (`newest`, known on rank 0) and what to
+    change (`lr`, `clip`, `precision`: the run's values; `mode`: train.on_nonfinite)."""
+    hint = _hint(lr=lr, clip=clip, precision=precision, mode=mode)
+    window = f"step {step}" if since + 1 >= step else f"steps {since + 1}-{step}"
+    head = (f"training diverged in {window} (train.on_nonfinite={mode}): {what}; "
+            f"no checkpoint holding it was written")
+    if newest:
+        return (f"{head}; the last good checkpoint is {newest}. To continue from it, "
+                f"{hint}, and run the same command with --resume auto --resume-force")
+    if not is_main:
+        return f"{head} (rank 0 names the last good checkpoint)"
+    return f"{head}, nor any before it. To start again, {hint}"

@@ -13,11 +13,11 @@ writing a checkpoint.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, Dict, Optional
 
 import torch
@@ -31,7 +31,7 @@ from cspx.checkpoint import Checkpointer, NonfiniteState
 from cspx.config import Config, resolved
 from cspx.data.batch_aug import BatchAugment
 from cspx.data.loader import Batch, EvalLoader, TrainLoader
-from cspx.distributed import DistEnv, StopVote, broadcast_buffers
+from cspx.distributed import DistEnv, StopVote, broadcast_buffers, release_ddp, wrap_ddp
 from cspx.ema import ModelEma
 from cspx.errors import CspxError, RunFailure
 from cspx.eval_metrics import evaluate
@@ -159,28 +159,15 @@ class Trainer:
         if self.freeze is not None:
             self.freeze.apply(self.progress.step)
         fill_momentum(self.optimizer, skips=self.guard.skip)  # parameters that train from now
-        _release_ddp(self.forward_model)
+        release_ddp(self.forward_model)
         m = self.cfg.model
         self.forward_model = place_model(
             self.model, device=self.env.device, channels_last=m.channels_last, compile=m.compile,
             compile_mode=m.compile_mode, compile_backend=self._compile_backend,
-            wrap=self._ddp if self.env.distributed else None)
+            wrap=partial(wrap_ddp, env=self.env) if self.env.distributed else None)
         # CUDA graphs (reduce-overhead) reuse their output buffers from one replay to the next:
         # each forward pass is marked as a new iteration, as this loop never keeps an output
         self._graphs = self.cfg.model.compile and self.cfg.model.compile_mode == "reduce-overhead"
-
-    def _ddp(self, module: nn.Module) -> nn.Module:
-        """DistributedDataParallel without a buffer sync in the forward pass
-        (`broadcast_buffers=False`, named `forward_sync_buffers` since torch 2.14): DDP would
-        otherwise broadcast rank 0's BatchNorm statistics before every forward pass; cspx
-        broadcasts them once before each evaluation instead, which is the only place the ranks'
-        statistics are used."""
-        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel
-        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
-                   inspect.signature(ddp).parameters else "broadcast_buffers")
-        off: Dict[str, Any] = {no_sync: False}
-        return ddp(module, device_ids=ids, gradient_as_bucket_view=True, **off)
 
     # ----- checkpoint -------------------------------------------------------------------------
     def restore(self, state: Dict[str, Any], *, same_world: bool = True,
@@ -332,21 +319,11 @@ class Trainer:
             raise RunFailure(self._diverged(r.diverged, since=r.since, step=r.step))
 
     def _diverged(self, what: str, *, since: int, step: int) -> str:
-        """The one line a diverged run ends with: the steps, the last good checkpoint, and what
-        to change."""
-        newest = self.ckpt.settle() if self.env.is_main else None
         t = self.cfg.train
-        hint = divergence.divergence_hint(lr=self.cfg.optim.lr, clip=t.clip_grad_norm,
-                                          precision=self.precision, mode=t.on_nonfinite)
-        window = f"step {step}" if since + 1 >= step else f"steps {since + 1}-{step}"
-        head = (f"training diverged in {window} (train.on_nonfinite={t.on_nonfinite}): {what}; "
-                f"no checkpoint holding it was written")
-        if newest:
-            return (f"{head}; the last good checkpoint is {newest}. To continue from it, "
-                    f"{hint}, and run the same command with --resume auto --resume-force")
-        if not self.env.is_main:
-            return f"{head} (rank 0 names the last good checkpoint)"
-        return f"{head}, nor any before it. To start again, {hint}"
+        return divergence.failure_line(
+            what, since=since, step=step, newest=self.ckpt.settle() if self.env.is_main else None,
+            is_main=self.env.is_main, lr=self.cfg.optim.lr, clip=t.clip_grad_norm,
+            precision=self.precision, mode=t.on_nonfinite)
 
     def _log_train(self, bar) -> None:
         p = self.progress
@@ -400,14 +377,3 @@ class Trainer:
             p.best_top1, p.best_step = top1, p.step
             return True
         return False
-
-
-def _release_ddp(module: nn.Module) -> None:
-    """Detach a DistributedDataParallel wrapper (under torch.compile's, if any) from the
-    parameters before a new one is built: its reducer's gradient hooks would otherwise still
-    all-reduce the parameters it had registered."""
-    ddp = getattr(module, "_orig_mod", module)
-    if isinstance(ddp, nn.parallel.DistributedDataParallel):
-        ddp._remove_autograd_hooks()
-        for handle in getattr(ddp, "_accum_grad_hooks", []):
-            handle.remove()

@@ -13,7 +13,7 @@ from cspx import precision
 from cspx.bench.common import alternate, median, seconds, sync
 from cspx.bench.fixed import FixedBatchLoader
 from cspx.bench.steps import BENCH_CLASSES, SYNTHETIC_ONLY, bench_config, device_of, make_trainer
-from cspx.checkpoint import verify
+from cspx.checkpoint import leaves, verify
 from cspx.config import micro_batch, resolved
 from cspx.data.build import build_eval_loader, build_train_loader
 from cspx.data.index import build_index
@@ -153,7 +153,8 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
     trainer = make_trainer(cfg, device, fixed, folder)
     trainer.fit(until=1)  # one step, so the optimizer holds its momentum buffers
     state = trainer.ckpt.state_dict()
-    nbytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+    nbytes = sum(t.numel() * t.element_size() for t in leaves(state)
+                 if isinstance(t, torch.Tensor))
     bare_path = os.path.join(folder, "bare.pt")
 
     def bare() -> float:
@@ -201,14 +202,3 @@ def checkpoint(args: Namespace) -> Tuple[List[Dict], Dict]:
     return list(rows.values()), {"state_mb": nbytes / 1e6, "file_mb": file_bytes / 1e6,
                                  "sync_over_bare": ratio, "verify_mb_per_s": verify_mb_s,
                                  "folder": folder, "raw": res}
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)

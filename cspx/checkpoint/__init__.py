@@ -11,7 +11,16 @@ The names other modules use are importable from here: `from cspx.checkpoint impo
 """
 from cspx.checkpoint.checkpointer import Checkpointer, NonfiniteState
 from cspx.checkpoint.integrity import CorruptCheckpoint, nonfinite_parts, verify
-from cspx.checkpoint.layout import FORMAT, FORMAT_VERSION, PER_RANK, SHARED, Part, Parts, to_host
+from cspx.checkpoint.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    PER_RANK,
+    SHARED,
+    Part,
+    Parts,
+    leaves,
+    to_host,
+)
 from cspx.checkpoint.resume import RESUME_FREE, check_compat, latest_valid, training_diff
 from cspx.checkpoint.storage import (
     RECORD,
@@ -25,4 +34,4 @@ from cspx.checkpoint.storage import (
 __all__ = ["FORMAT", "FORMAT_VERSION", "PER_RANK", "RECORD", "RESUME_FREE", "SHARED",
            "CheckpointFiles", "Checkpointer", "CorruptCheckpoint", "NonfiniteState", "Part",
            "Parts", "SaveFailed", "atomic_save", "check_compat", "latest_valid", "load",
-           "nonfinite_parts", "to_host", "training_diff", "verify", "written_by"]
+           "leaves", "nonfinite_parts", "to_host", "training_diff", "verify", "written_by"]

@@ -25,10 +25,11 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from cspx.checkpoint.layout import leaves
 from cspx.errors import CspxError
 
 LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature, (22 bytes), name length, extra length
@@ -107,17 +108,6 @@ def _check_member(path: str, f, view: memoryview, size: int, info: zipfile.ZipIn
 
 
 # ----- values -------------------------------------------------------------------------------------
-def _walk(obj: Any) -> Iterator[Any]:
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _walk(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _walk(v)
-    else:
-        yield obj
-
-
 def nonfinite_parts(state: Dict[str, Any]) -> List[str]:
     """The top-level keys of `state` whose floating-point tensors or Python floats hold a NaN or
     an infinity. On the tensors' device, with one read to the host per device (one in a run):
@@ -127,7 +117,7 @@ def nonfinite_parts(state: Dict[str, Any]) -> List[str]:
     bad = set()
     groups: Dict[Any, List[Tuple[str, torch.Tensor]]] = {}  # (device, dtype) -> [(key, tensor)]
     for key, part in state.items():
-        for x in _walk(part):
+        for x in leaves(part):
             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
                 groups.setdefault((x.device, x.dtype), []).append((key, x.detach()))
             elif isinstance(x, float) and not math.isfinite(x):

@@ -13,7 +13,7 @@ Layout (FORMAT "cspx-checkpoint", FORMAT_VERSION 1): only tensors and plain Pyth
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Protocol
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol
 
 import torch
 
@@ -50,6 +50,18 @@ def to_host(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_host(v) for v in obj)
     return obj
+
+
+def leaves(obj: Any) -> Iterator[Any]:
+    """Every value of a state below its dicts, lists and tuples (tensors, numbers, strings)."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from leaves(v)
+    else:
+        yield obj
 
 
 class Parts:
